@@ -1,0 +1,48 @@
+"""Shared fixtures: the shipped demo pair, and a randomly initialised pair of the same shape
+that tests may corrupt freely."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "export" / "demo" / "weights"
+PROMPTS = REPO / "calibration" / "prompts"
+
+
+@pytest.fixture(scope="session")
+def demo_dirs() -> tuple[Path, Path]:
+    target, assistant = DEMO / "target", DEMO / "assistant"
+    assert (target / "model.safetensors").is_file(), "demo weights missing: run `make demo-model`"
+    return target, assistant
+
+
+@pytest.fixture(scope="session")
+def random_pair_dir(tmp_path_factory) -> Path:
+    """demo-shaped target + drafter with seeded random weights, saved as HF directories."""
+    from export.config import preset
+    from export.hf_compat import patch_transformers
+
+    patch_transformers()
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    root = tmp_path_factory.mktemp("random_pair")
+    pair = preset("demo")
+    torch.manual_seed(0)
+    Gemma4ForCausalLM(pair.target.to_hf()).save_pretrained(root / "target")
+    drafter = Gemma4AssistantForCausalLM(pair.drafter.to_hf(pair.target))
+    drafter.masked_embedding.token_ordering.copy_(torch.randperm(pair.drafter.vocab_size))
+    drafter.save_pretrained(root / "assistant")
+    return root
+
+
+@pytest.fixture
+def pair_copy(random_pair_dir, tmp_path) -> Path:
+    """A private copy of the random pair, to corrupt."""
+    dst = tmp_path / "pair"
+    shutil.copytree(random_pair_dir, dst)
+    return dst
