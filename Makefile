@@ -1,0 +1,54 @@
+# Every target creates the project venv (.venv) on first use from requirements.lock.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+CHECKPOINT     ?= export/demo/weights/target
+ASSISTANT      ?= export/demo/weights/assistant
+BACKEND        ?= torch
+MAX_NEW_TOKENS ?= 64
+DRAFT_TOKENS   ?= 0
+TARGET         ?= android
+OUT            ?= artifacts
+
+GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) \
+	--max-new-tokens $(MAX_NEW_TOKENS) --draft-tokens $(DRAFT_TOKENS) \
+	$(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPT_FILE),--prompt-file $(PROMPT_FILE)) \
+	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos)
+
+.PHONY: help venv test test-slow generate export demo-model clean
+
+help:
+	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=dir]"
+	@echo "make test                 fast test tier (< 20 min on 2 cores)"
+	@echo "make test-slow            slow tier"
+	@echo "make generate [BACKEND=torch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
+	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir] [JSON=1] [IGNORE_EOS=1]"
+	@echo "make demo-model           retrain the shipped demo pair from scratch (about 1 hour)"
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+generate: $(STAMP)
+	@$(PY) -m runtime.generate $(GEN_ARGS)
+
+export: $(STAMP)
+	$(PY) -m export --target $(TARGET) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(OUT)
+
+demo-model: $(STAMP)
+	$(PY) -m export.demo.train --out export/demo/weights
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,186 @@
+"""ONNX export of the target and drafter steps.
+
+Steps:
+1. load the pair (strict) and fix the cache layout (max context, max draft -> ring slots);
+2. export three graphs with the dynamo exporter (opset 18), weights as external data:
+   - `embed.onnx`: input_ids -> inputs_embeds, per_layer_inputs (the embedding table and
+     the PLE table live only here; the drafter gets its token embedding from this graph);
+   - `target.onnx`: inputs_embeds, per_layer_inputs, position_ids,
+     past_key_values.{i}.key/value (cache owners only) -> logits, last_hidden_state,
+     present.{i}.key/value; the token count is dynamic (prefill chunk, decode, verify);
+   - `drafter.onnx`: inputs_embeds, position_ids, shared_kv.{full,sliding}_attention.{key,value}
+     -> logits, projected_state;
+3. `onnx.checker` on each graph, then `check_graphs`: names, opset and cache shapes as the
+   layout says (sliding caches have window + max_draft + 1 slots);
+4. `layout.json` records what a runtime needs (names, shapes, producers, ids, sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from export.config import FULL, SLIDING, TargetSpec
+from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
+
+OPSET = 18
+LAYOUT_FILE = "layout.json"
+
+
+class _ListCaches(torch.nn.Module):
+    """torch.export wants a fixed signature: caches as one list argument."""
+
+    def __init__(self, step: TargetStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, inputs_embeds, per_layer_inputs, position_ids, caches: list[torch.Tensor]):
+        return self.step(inputs_embeds, per_layer_inputs, position_ids, *caches)
+
+
+def layout_dict(target, drafter, layout: CacheLayout) -> dict:
+    spec = TargetSpec.from_hf(target.config)
+    a = layout.attention
+    producers = a.kv_producers()
+    eos = target.generation_config.eos_token_id
+    return {
+        "format_version": 1,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "num_layers": a.num_layers,
+        "ple_dim": spec.ple_dim,
+        "sliding_window": a.sliding_window,
+        "max_context": layout.max_context,
+        "max_draft": layout.max_draft,
+        "ring_slots": layout.ring_slots,
+        "cache_owners": layout.owners,
+        "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
+        "layer_types": list(a.layer_types),
+        "kv_producers": producers,
+        "eos_token_ids": list(eos) if isinstance(eos, (list, tuple)) else [eos],
+        "bos_token_id": spec.bos_token_id,
+        "drafter": None
+        if drafter is None
+        else {
+            "hidden_size": drafter.config.get_text_config().hidden_size,
+            "backbone_hidden_size": drafter.config.backbone_hidden_size,
+            "use_ordered_embeddings": drafter.config.use_ordered_embeddings,
+        },
+    }
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None):
+    t0 = time.time()
+    program = torch.onnx.export(
+        module,
+        args,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        dynamo=True,
+        opset_version=OPSET,
+        verbose=False,
+    )
+    program.save(str(path), external_data=True)
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)
+    print(f"      {path.name}: {time.time() - t0:.1f}s", flush=True)
+
+
+def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int) -> dict:
+    """Write embed.onnx, target.onnx, drafter.onnx and layout.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = TargetSpec.from_hf(target.config)
+    layout = CacheLayout(spec.attention, max_context, max_draft)
+    caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
+    names = layout.cache_names()
+    tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    n = 3
+    ids = torch.full((1, n), spec.bos_token_id, dtype=torch.long)
+
+    with torch.no_grad():
+        print("[onnx] embed graph", flush=True)
+        embed = EmbedStep(target).eval()
+        _export(embed, (ids,), out_dir / "embed.onnx", ["input_ids"], ["inputs_embeds", "per_layer_inputs"],
+                ({1: tokens},))
+        embeds, ple = embed(ids)
+
+        print("[onnx] target graph", flush=True)
+        step = _ListCaches(TargetStep(target, layout)).eval()
+        _export(
+            step,
+            (embeds, ple, torch.arange(n)[None], caches),
+            out_dir / "target.onnx",
+            ["inputs_embeds", "per_layer_inputs", "position_ids", *names],
+            ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names]],
+            ({1: tokens}, {1: tokens}, {1: tokens}, [None] * len(caches)),
+        )
+
+        if drafter is not None:
+            print("[onnx] drafter graph", flush=True)
+            dstep = DrafterStep(drafter, layout).eval()
+            p = layout.attention.kv_producers()
+            shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
+            inp = torch.zeros(1, 1, 2 * spec.hidden_size)
+            _export(
+                dstep,
+                (inp, torch.tensor([[n]]), *shared),
+                out_dir / "drafter.onnx",
+                ["inputs_embeds", "position_ids", "shared_kv.full_attention.key", "shared_kv.full_attention.value",
+                 "shared_kv.sliding_attention.key", "shared_kv.sliding_attention.value"],
+                ["logits", "projected_state"],
+            )
+
+    info = layout_dict(target, drafter, layout)
+    (out_dir / LAYOUT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    check_graphs(out_dir)
+    return info
+
+
+def check_graphs(out_dir: Path) -> None:
+    """The exported graphs have the names, opset and cache shapes the layout promises."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    info = json.loads((out_dir / LAYOUT_FILE).read_text())
+
+    def io(path):
+        m = onnx.load(str(path), load_external_data=False)
+        opset = max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        if opset < OPSET:
+            raise ValueError(f"{path.name}: opset {opset} < {OPSET}")
+
+        def shape(v):
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+
+        return {v.name: shape(v) for v in m.graph.input}, {v.name: shape(v) for v in m.graph.output}
+
+    ins, outs = io(out_dir / "target.onnx")
+    for i in info["cache_owners"]:
+        expected = info["cache_shapes"][str(i)]
+        for kv in ("key", "value"):
+            for name, table in ((f"past_key_values.{i}.{kv}", ins), (f"present.{i}.{kv}", outs)):
+                if table.get(name) != expected:
+                    raise ValueError(f"target.onnx: {name} has shape {table.get(name)}, layout says {expected}")
+    for name in ("inputs_embeds", "per_layer_inputs", "position_ids"):
+        if not isinstance(ins[name][1], str):
+            raise ValueError(f"target.onnx: {name} has a fixed token count {ins[name][1]}; expected dynamic")
+    for name in ("logits", "last_hidden_state"):
+        if name not in outs:
+            raise ValueError(f"target.onnx: output {name} missing")
+    if (out_dir / "drafter.onnx").exists():
+        d_ins, d_outs = io(out_dir / "drafter.onnx")
+        if set(d_outs) != {"logits", "projected_state"}:
+            raise ValueError(f"drafter.onnx: outputs {sorted(d_outs)}")
+
+
+def copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:
+    tok = Path(checkpoint) / "tokenizer.json"
+    if tok.is_file():
+        shutil.copyfile(tok, Path(out_dir) / "tokenizer.json")

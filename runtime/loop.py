@@ -1,0 +1,139 @@
+"""The greedy and speculative decoding loops, written once for every exported backend.
+
+A backend implements `StepBackend` (numpy in, numpy out, no torch):
+- `reset()`: empty caches;
+- `target(ids, start)`: run the target over `ids` at positions start..start+N-1, writing
+  their K/V; returns logits [N, V] and final hidden states [N, H]. Calling it again at an
+  earlier start is the rollback: the cache layout makes entries past the new start
+  invisible (export/modules.py);
+- `draft(token, state, position)`: one drafter step at `position`, reading the target's
+  caches below it; returns logits [V] and the projected state [H].
+
+Speculative round (greedy acceptance), with tok = the next token, not yet in the cache, at
+position pos, and h = the target's hidden state at pos - 1:
+1. draft: d_i = argmax(draft(d_{i-1}, s_{i-1}, pos)), d_0 = tok, s_0 = h, for i = 1..k;
+2. verify: target([tok, d_1..d_k], pos) -> choices c_0..c_k (argmax at each position);
+3. accept: the longest prefix with d_i == c_{i-1}, a drafts, plus c_a from the target;
+4. next round: tok = c_a at pos + a + 1, h = hidden[a].
+The output equals greedy decoding token for token; k shrinks near max_new_tokens as in
+transformers (at most max_new_tokens - generated - 1 drafts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from runtime.stats import GenerationStats
+
+
+class StepBackend(Protocol):
+    name: str
+
+    def reset(self) -> None: ...
+
+    def target(self, ids: list[int], start: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class StepTimer:
+    """Wall time per kind of step, for stats and benchmarks."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.totals[kind] = self.totals.get(kind, 0.0) + seconds
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def mean_ms(self) -> dict[str, float]:
+        return {k: 1000 * self.totals[k] / self.counts[k] for k in self.totals}
+
+
+def _timed(timer, kind, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    timer.add(kind, time.perf_counter() - t0)
+    return out
+
+
+def _emit(new, out, eos, max_new, on_token) -> bool:
+    """Append new tokens, stopping at EOS or max_new; True when generation is over."""
+    for t in new:
+        out.append(t)
+        if on_token:
+            on_token(t)
+        if t in eos or len(out) >= max_new:
+            return True
+    return False
+
+
+def greedy_generate(
+    backend: StepBackend,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], GenerationStats, StepTimer]:
+    timer, stats, out = StepTimer(), GenerationStats(), []
+    t0 = time.perf_counter()
+    backend.reset()
+    logits, _ = _timed(timer, "prefill", backend.target, list(prompt_ids), 0)
+    stats.target_passes += 1
+    tok, pos = int(np.argmax(logits[-1])), len(prompt_ids)
+    done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
+    while not done:
+        logits, _ = _timed(timer, "decode", backend.target, [tok], pos)  # logits: [1, V]
+        stats.target_passes += 1
+        tok, pos = int(np.argmax(logits[-1])), pos + 1
+        done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
+    stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
+    return out, stats, timer
+
+
+def speculative_generate(
+    backend: StepBackend,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    draft_tokens: int,
+    eos_token_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+    on_round: Callable[[int, list[int], int], None] | None = None,
+) -> tuple[list[int], GenerationStats, StepTimer]:
+    """on_round(pos, drafts, accepted) observes each round (parity checks use it)."""
+    if draft_tokens < 1:
+        raise ValueError("draft_tokens must be >= 1 for speculative decoding; use greedy_generate")
+    timer, stats, out = StepTimer(), GenerationStats(), []
+    t0 = time.perf_counter()
+    backend.reset()
+    logits, hidden = _timed(timer, "prefill", backend.target, list(prompt_ids), 0)
+    stats.target_passes += 1
+    tok, h, pos = int(np.argmax(logits[-1])), hidden[-1], len(prompt_ids)
+    done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
+    while not done:
+        k = min(draft_tokens, max_new_tokens - len(out) - 1)
+        drafts, t, s = [], tok, h
+        for _ in range(k):  # all drafter steps sit at position pos
+            d_logits, s = _timed(timer, "draft", backend.draft, t, s, pos)
+            t = int(np.argmax(d_logits))
+            drafts.append(t)
+        # verify: [tok, d_1..d_k] at positions pos..pos+k -> logits [k+1, V]
+        logits, hidden = _timed(timer, f"verify{k + 1}", backend.target, [tok] + drafts, pos)
+        stats.target_passes += 1
+        choices = np.argmax(logits, axis=-1)
+        a = 0
+        while a < k and drafts[a] == int(choices[a]):
+            a += 1
+        stats.drafted += k
+        stats.accepted += a
+        if on_round:
+            on_round(pos, drafts, a)
+        done = _emit(drafts[:a] + [int(choices[a])], out, eos_token_ids, max_new_tokens, on_token)
+        tok, h, pos = int(choices[a]), hidden[a], pos + a + 1
+    stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
+    return out, stats, timer
