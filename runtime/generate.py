@@ -64,21 +64,53 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
-def _torch_backend(checkpoint: Path, assistant: Path | None):
+class LoopRunner:
+    """A step backend (onnx, executorch) driven by the shared loops in runtime/loop.py."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def generate(self, prompt_ids, max_new_tokens, draft_tokens=0, stop_at_eos=True, on_token=None):
+        from runtime.loop import greedy_generate, speculative_generate
+
+        eos = self.backend.eos_token_ids if stop_at_eos else ()
+        if draft_tokens:
+            new, stats, timer = speculative_generate(
+                self.backend, prompt_ids, max_new_tokens, draft_tokens, eos, on_token
+            )
+        else:
+            new, stats, timer = greedy_generate(self.backend, prompt_ids, max_new_tokens, eos, on_token)
+        stats.step_ms = timer.mean_ms()
+        return new, stats
+
+
+def _torch_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | None):
     from runtime.reference import ReferencePair
 
+    if artifacts is not None:
+        raise UsageError("ARTIFACTS applies to exported backends (onnx); the torch reference reads CHECKPOINT")
     return ReferencePair.from_dirs(checkpoint, assistant)
 
 
-BACKENDS: dict[str, Callable] = {"torch": _torch_backend}
+def _onnx_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | None):
+    from runtime.onnx_backend import OnnxBackend
+
+    if artifacts is None:
+        from export.cache import cached_onnx_export  # needs torch: only when exporting
+
+        artifacts = cached_onnx_export(checkpoint, assistant)
+    return LoopRunner(OnnxBackend(artifacts))
 
 
-def make_backend(name: str, checkpoint: Path, assistant: Path | None):
+BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "onnx": _onnx_backend}
+
+
+def make_backend(name: str, checkpoint: Path, assistant: Path | None, artifacts: Path | None = None):
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise UsageError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
-    return factory(checkpoint, assistant)
+    return factory(checkpoint, assistant, artifacts)
 
 
 def generate(
@@ -91,14 +123,16 @@ def generate(
     assistant: str | Path | None = DEMO_ASSISTANT,
     stop_at_eos: bool = True,
     on_text: Callable[[str], None] | None = None,
+    artifacts: str | Path | None = None,
 ) -> GenerateResult:
     """Generate from a text prompt or from token ids. draft_tokens=0 is greedy decoding."""
     if (prompt is None) == (prompt_ids is None):
         raise UsageError("give exactly one of a text prompt or prompt token ids")
     checkpoint = Path(checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if prompt is not None or on_text else None
+    artifacts = Path(artifacts) if artifacts else None
+    tokenizer = load_tokenizer(artifacts or checkpoint) if prompt is not None or on_text else None
     ids = tokenizer.encode(prompt).ids if prompt is not None else list(prompt_ids)
-    runner = make_backend(backend, checkpoint, Path(assistant) if assistant and draft_tokens else None)
+    runner = make_backend(backend, checkpoint, Path(assistant) if assistant else None, artifacts)
 
     on_token = None
     if on_text is not None:
@@ -131,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="torch", help=f"one of: {', '.join(sorted(BACKENDS))}")
     ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET, help="target checkpoint dir (default: demo)")
     ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT, help="drafter checkpoint dir (default: demo)")
+    ap.add_argument("--artifacts", type=Path, help="an earlier ONNX export directory (onnx backend)")
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     args = ap.parse_args(argv)
-
-    from export.checkpoint import CheckpointError
 
     try:
         if args.prompt_file is not None:
@@ -157,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             assistant=args.assistant,
             stop_at_eos=not args.ignore_eos,
             on_text=on_text,
+            artifacts=args.artifacts,
         )
-    except (UsageError, CheckpointError, ValueError) as e:
+    except (ValueError, OSError) as e:  # UsageError, CheckpointError, ArtifactError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -20,6 +20,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     seconds: float = 0.0
+    step_ms: dict[str, float] = field(default_factory=dict)  # mean wall time per step kind
 
     @property
     def verify_passes(self) -> int:
@@ -45,5 +46,6 @@ class GenerationStats:
             acceptance_rate=round(self.acceptance_rate, 4),
             tokens_per_second=round(self.tokens_per_second, 2),
             seconds=round(self.seconds, 4),
+            step_ms={k: round(v, 4) for k, v in self.step_ms.items()},
         )
         return d

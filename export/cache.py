@@ -1,0 +1,76 @@
+"""Exports cached by their inputs: `make generate BACKEND=onnx CHECKPOINT=.. ASSISTANT=..`
+exports once into `.cache/exports/<key>` and reuses it while the inputs are unchanged.
+
+The key hashes the checkpoint files (name, size, modification time), the export settings
+and the toolchain versions. A new export is written to a temporary folder and renamed into
+place, so an interrupted export never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_ROOT = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "exports"))
+DEFAULT_MAX_CONTEXT = 1024
+DEFAULT_MAX_DRAFT = 4
+
+
+def _fingerprint(path: Path | None) -> list:
+    if path is None:
+        return []
+    return [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(Path(path).iterdir())
+        if p.is_file() and (p.suffix in (".json", ".safetensors"))
+    ]
+
+
+def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) -> str:
+    import onnx
+    import torch
+    import transformers
+
+    blob = json.dumps(
+        {
+            "kind": kind,
+            "target": [str(Path(checkpoint).resolve()), _fingerprint(checkpoint)],
+            "assistant": [str(Path(assistant).resolve()) if assistant else None, _fingerprint(assistant)],
+            "settings": settings,
+            "versions": [torch.__version__, transformers.__version__, onnx.__version__],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_onnx_export(
+    checkpoint: Path,
+    assistant: Path | None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    max_draft: int = DEFAULT_MAX_DRAFT,
+) -> Path:
+    from export.checkpoint import load_pair
+    from export.onnx_export import copy_tokenizer, export_onnx
+
+    key = export_key("onnx", checkpoint, assistant, max_context=max_context, max_draft=max_draft)
+    final = CACHE_ROOT / f"onnx-{key}"
+    if (final / "layout.json").is_file():
+        return final
+    print(f"[export] ONNX graphs for {checkpoint} -> {final} (cached for later runs)", flush=True)
+    target, drafter = load_pair(checkpoint, assistant)
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".onnx-{key}-", dir=CACHE_ROOT))
+    try:
+        export_onnx(target, drafter, tmp, max_context, max_draft)
+        copy_tokenizer(checkpoint, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,243 @@
+"""`make bench`: speed of greedy and speculative decoding, measured side by side in one run.
+
+Steps:
+1. load the pair (transformers reference) and the ONNX export (cached by its inputs);
+2. per-step latency at a context past two sliding windows: target decode (1 token), target
+   verify (k+1 tokens) and one drafter step, in onnxruntime and in PyTorch eager
+   (transformers), median of repeated calls;
+3. generation on the held-out prompts, `--new-tokens` each (EOS ignored), greedy and
+   speculative for each draft length, runs interleaved and repeated, median kept:
+   decode tokens/s = (new tokens - 1) / (time after the prefill pass);
+4. predicted speedup from the measured acceptance and the step costs of the same runs:
+   mean_accepted_length * decode_ms / (verify_ms(k+1) + k * draft_ms);
+5. a table on stdout; under `--out`: bench.json keyed by backend and speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.loop import greedy_generate, speculative_generate
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
+
+
+def median_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def onnx_step_costs(backend, context: list[int], max_draft: int) -> dict[str, float]:
+    """Latency of each kind of step at position len(context) (rollback keeps caches valid)."""
+    backend.reset()
+    _, hidden = backend.target(context, 0)
+    pos, tok, state = len(context), context[-1], hidden[-1]
+    costs = {"decode_ms": median_ms(lambda: backend.target([tok], pos))}
+    for k in range(1, max_draft + 1):
+        costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
+    costs["draft_ms"] = median_ms(lambda: backend.draft(tok, state, pos))
+    return costs
+
+
+@torch.no_grad()
+def torch_step_costs(target, drafter, context: list[int], max_draft: int) -> dict[str, float]:
+    """transformers eager: one forward over new tokens with a cache of `context`."""
+    ids = torch.tensor([context])
+    out = target(ids, use_cache=True, return_shared_kv_states=True, output_hidden_states=True)
+    cache = out.past_key_values
+    base = cache.get_seq_length()
+
+    def step(n):
+        target(torch.tensor([[context[-1]] * n]), past_key_values=cache, use_cache=True)
+        cache.crop(base)
+
+    costs = {"decode_ms": median_ms(lambda: step(1), repeats=15)}
+    for k in range(1, max_draft + 1):
+        costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: step(k + 1), repeats=15)
+    shared = {k: (v[0], v[1]) for k, v in out.shared_kv_states.items()}
+    inp = torch.cat([target.model.embed_tokens(ids[:, -1:]), out.hidden_states[-1][:, -1:]], dim=-1)
+    pos = torch.tensor([[len(context)]])
+    mask = torch.ones(1, len(context) + 1, dtype=torch.long)
+    costs["draft_ms"] = median_ms(
+        lambda: drafter(inputs_embeds=inp, position_ids=pos, shared_kv_states=shared, attention_mask=mask), repeats=15
+    )
+    return costs
+
+
+def decode_rate(stats, timer) -> float:
+    """Tokens per second after the prefill pass."""
+    prefill = timer.totals.get("prefill", 0.0)
+    return (stats.new_tokens - 1) / max(stats.seconds - prefill, 1e-9)
+
+
+def bench_loops(backend, prompts, new_tokens, draft_lengths, repeats):
+    """Greedy and speculative runs interleaved; medians of decode tokens/s per setting."""
+    rates = {0: []}
+    rates.update({k: [] for k in draft_lengths})
+    accept = {k: [] for k in draft_lengths}
+    step_ms = {k: {} for k in [0, *draft_lengths]}
+    for _ in range(repeats):
+        for ids in prompts:
+            _, stats, timer = greedy_generate(backend, ids, new_tokens)
+            rates[0].append(decode_rate(stats, timer))
+            step_ms[0] = timer.mean_ms()
+            for k in draft_lengths:
+                _, stats, timer = speculative_generate(backend, ids, new_tokens, k)
+                rates[k].append(decode_rate(stats, timer))
+                accept[k].append(stats.mean_accepted_length)
+                step_ms[k] = timer.mean_ms()
+    return (
+        {k: statistics.median(v) for k, v in rates.items()},
+        {k: statistics.mean(v) for k, v in accept.items()},
+        step_ms,
+    )
+
+
+def predicted_speedup(mal: float, decode_ms: float, verify_ms: float, draft_ms: float, k: int) -> float:
+    return mal * decode_ms / (verify_ms + k * draft_ms)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for backend, entry in results.items():
+        rows = entry["by_draft_tokens"]
+        ks = [r["draft_tokens"] for r in rows]
+        ax1.plot(ks, [r["speedup"] for r in rows], "o-", label=f"{backend} measured")
+        ax1.plot(ks, [r["predicted_speedup"] for r in rows], "x--", label=f"{backend} predicted")
+        ax2.plot(ks, [r["mean_accepted_length"] for r in rows], "o-", label=backend)
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set(xlabel="draft tokens", ylabel="speedup over greedy", title="decode speedup")
+    ax2.set(xlabel="draft tokens", ylabel="tokens per verify pass", title="mean accepted length")
+    for ax in (ax1, ax2):
+        ax.set_xticks(ks)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    from runtime.generate import DEMO_ASSISTANT, DEMO_TARGET, load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET)
+    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT)
+    ap.add_argument("--artifacts", type=Path, help="ONNX export dir; default: export (cached) from the checkpoints")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-draft", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    ap.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    args = ap.parse_args(argv)
+
+    from export.cache import cached_onnx_export
+    from export.checkpoint import load_pair
+    from runtime.onnx_backend import OnnxBackend
+    from runtime.reference import ReferencePair
+
+    target, drafter = load_pair(args.checkpoint, args.assistant)
+    artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
+    backend = OnnxBackend(artifacts, threads=args.threads)
+    tok = load_tokenizer(args.checkpoint)
+    prompts = [tok.encode(p.read_text()).ids for p in PROMPTS]
+    ks = list(range(1, args.max_draft + 1))
+
+    print(f"bench: {args.checkpoint.name} + {args.assistant.name}, {len(prompts)} prompts x {args.new_tokens} tokens")
+    costs = {"onnx": onnx_step_costs(backend, prompts[0], args.max_draft)}
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    costs["torch"] = torch_step_costs(target, drafter, prompts[0], args.max_draft)
+
+    results = {}
+    rates, accept, step_ms = bench_loops(backend, prompts, args.new_tokens, ks, args.repeats)
+    results["onnx"] = _entries(rates, accept, step_ms, costs["onnx"], ks)
+
+    # transformers reference: its own greedy and assisted generate, one run each per prompt
+    pair = ReferencePair(target, drafter)
+    ref_rates = {k: [] for k in [0, *ks]}
+    ref_accept = {k: [] for k in ks}
+    for ids in prompts:
+        for k in [0, *ks]:
+            _, st = pair.generate(ids, args.new_tokens, k, stop_at_eos=False)
+            ref_rates[k].append(st.new_tokens / st.seconds)
+            if k:
+                ref_accept[k].append(st.mean_accepted_length)
+    results["torch"] = _entries(
+        {k: statistics.median(v) for k, v in ref_rates.items()},
+        {k: statistics.mean(v) for k, v in ref_accept.items()},
+        None,
+        costs["torch"],
+        ks,
+    )
+
+    _print_table(costs, results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"step_costs_ms": costs, **results}, indent=1) + "\n")
+    plot(results, args.out / "speedup.png")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'speedup.png'}")
+    return 0
+
+
+def _entries(rates, accept, step_ms, costs, ks) -> dict:
+    rows = []
+    for k in ks:
+        if step_ms:  # costs from the generation runs themselves
+            decode = step_ms[0].get("decode", costs["decode_ms"])
+            verify = step_ms[k].get(f"verify{k + 1}", costs[f"verify{k + 1}_ms"])
+            draft = step_ms[k].get("draft", costs["draft_ms"])
+        else:
+            decode, verify, draft = costs["decode_ms"], costs[f"verify{k + 1}_ms"], costs["draft_ms"]
+        rows.append(
+            {
+                "draft_tokens": k,
+                "greedy_tok_s": round(rates[0], 2),
+                "speculative_tok_s": round(rates[k], 2),
+                "speedup": round(rates[k] / rates[0], 3),
+                "predicted_speedup": round(predicted_speedup(accept[k], decode, verify, draft, k), 3),
+                "mean_accepted_length": round(accept[k], 3),
+                "decode_step_ms": round(decode, 4),
+                "verify_step_ms": round(verify, 4),
+                "draft_step_ms": round(draft, 4),
+            }
+        )
+    best = max(rows, key=lambda r: r["speedup"])
+    return {**best, "by_draft_tokens": rows}
+
+
+def _print_table(costs, results) -> None:
+    print("\nstep latency (ms, median)")
+    kinds = list(next(iter(costs.values())))
+    print(f"  {'backend':<8}" + "".join(f"{k:>12}" for k in kinds))
+    for backend, c in costs.items():
+        print(f"  {backend:<8}" + "".join(f"{c[k]:>12.3f}" for k in kinds))
+    print("\ngeneration (decode tokens/s after prefill)")
+    print(f"  {'backend':<8}{'k':>3}{'greedy':>10}{'spec':>10}{'speedup':>9}{'predicted':>10}{'accepted':>10}")
+    for backend, entry in results.items():
+        for r in entry["by_draft_tokens"]:
+            print(
+                f"  {backend:<8}{r['draft_tokens']:>3}{r['greedy_tok_s']:>10.1f}{r['speculative_tok_s']:>10.1f}"
+                f"{r['speedup']:>9.2f}{r['predicted_speedup']:>10.2f}{r['mean_accepted_length']:>10.2f}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""`make parity`: exported artifacts against the PyTorch (transformers) reference.
+
+Steps, for each held-out prompt (each longer than two sliding windows):
+1. reference: transformers greedy decoding for `--new-tokens` tokens (EOS ignored), then one
+   transformers forward over prompt + continuation for logits, final hidden states and the
+   shared K/V of the last full and last sliding cache owner at every position;
+2. tensors: the backend's greedy run (prefill, then one decode step per token) captured
+   step by step; logits, hidden states and the producer caches compared with the reference
+   (relative max error, tolerance `RTOL`);
+3. tokens: backend greedy and speculative (draft lengths 1..4) equal the reference greedy
+   tokens exactly; transformers' own speculative run too;
+4. drafts: at every round the backend's drafts equal the reference drafts, computed with
+   transformers' `Gemma4AssistantForCausalLM` from the reference hidden state and shared K/V
+   of the accepted positions (well defined there; transformers' own loop also feeds its
+   drafter rejected sliding entries, see README);
+5. rollback: a run with deliberately corrupted drafts (many rejections) still matches, and
+   the rounds cover none, some and all drafts accepted;
+6. a table on stdout, `parity.json`, exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.loop import greedy_generate, speculative_generate
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
+
+# fp32 on both sides, different kernels and summation order (onnxruntime's fused MatMul /
+# Softmax vs transformers' SDPA); measured max relative error ~5e-5 over 12 layers and
+# ~450 positions, so 2e-4 leaves headroom without hiding a wrong mask or a wrong cache slot
+# (those show up as errors of order 1e-1 and above).
+RTOL = 2e-4
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    value: float | None = None
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name, ok, detail, value=None):
+        self.checks.append(Check(name, bool(ok), detail, value))
+        mark = "PASS" if ok else "FAIL"
+        print(f"  {mark}  {name:<48} {detail}", flush=True)
+
+    @property
+    def ok(self):
+        return all(c.ok for c in self.checks)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+class Capture:
+    """Records every target call of a backend (outputs per position)."""
+
+    def __init__(self, backend):
+        self.backend, self.logits, self.hidden = backend, [], []
+        self.name = backend.name
+        self.eos_token_ids = backend.eos_token_ids
+
+    def reset(self):
+        self.logits, self.hidden = [], []
+        self.backend.reset()
+
+    def target(self, ids, start):
+        logits, hidden = self.backend.target(ids, start)
+        self.logits.append(logits)
+        self.hidden.append(hidden)
+        return logits, hidden
+
+    def draft(self, token, state, position):
+        return self.backend.draft(token, state, position)
+
+
+class CorruptDrafts:
+    """Replaces the drafter's choice by a wrong token on a fixed pattern of steps, so that
+    rounds end with none, some or all drafts accepted."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, 0
+        self.name = backend.name
+        self.eos_token_ids = backend.eos_token_ids
+
+    def reset(self):
+        self.calls = 0
+        self.backend.reset()
+
+    def target(self, ids, start):
+        return self.backend.target(ids, start)
+
+    def draft(self, token, state, position):
+        logits, state = self.backend.draft(token, state, position)
+        self.calls += 1
+        if self.calls % 3 == 0:
+            logits = logits.copy()
+            logits[(int(np.argmax(logits)) + 7) % len(logits)] = np.float32(1e30)
+        return logits, state
+
+
+class Reference:
+    def __init__(self, target, drafter):
+        self.target, self.drafter = target, drafter
+
+    @torch.no_grad()
+    def forward(self, ids: list[int]):
+        out = self.target(torch.tensor([ids]), return_shared_kv_states=True, output_hidden_states=True)
+        shared = {k: (v[0], v[1]) for k, v in out.shared_kv_states.items()}
+        return out.logits[0].numpy(), out.hidden_states[-1][0].numpy(), shared, out.hidden_states[-1]
+
+    @torch.no_grad()
+    def drafts(self, seq: list[int], hidden: torch.Tensor, shared, pos: int, k: int) -> list[int]:
+        """transformers' drafter at position pos over the accepted positions < pos."""
+        kv = {t: (kk[:, :, :pos], vv[:, :, :pos]) for t, (kk, vv) in shared.items()}
+        token = torch.tensor([[seq[pos]]])
+        state = hidden[:, pos - 1 : pos]
+        out = []
+        for _ in range(k):
+            emb = self.target.model.embed_tokens(token)
+            res = self.drafter(
+                inputs_embeds=torch.cat([emb, state], dim=-1),
+                position_ids=torch.tensor([[pos]]),
+                shared_kv_states=kv,
+                attention_mask=torch.ones(1, pos + 1, dtype=torch.long),
+            )
+            token = res.logits.argmax(-1)
+            state = res.last_hidden_state
+            out.append(int(token))
+        return out
+
+
+def check_prompt(report, ref, backend, layout, prompt_ids, new_tokens, label):
+    from runtime.reference import ReferencePair
+
+    pair = ReferencePair(ref.target, ref.drafter)
+    t0 = time.time()
+    greedy, _ = pair.generate(prompt_ids, new_tokens, 0, stop_at_eos=False)
+    seq = list(prompt_ids) + greedy
+    ref_logits, ref_hidden, shared, hidden_t = ref.forward(seq[:-1])
+    print(f"  [{label}] reference: {len(prompt_ids)} prompt + {new_tokens} new tokens ({time.time() - t0:.1f}s)")
+
+    # tensors, step by step
+    cap = Capture(backend)
+    ours, _, _ = greedy_generate(cap, prompt_ids, new_tokens)
+    logits = np.concatenate(cap.logits)
+    hidden = np.concatenate(cap.hidden)
+    e_logits, e_hidden = rel_err(logits, ref_logits), rel_err(hidden, ref_hidden)
+    report.add(f"{label}: logits, {len(logits)} positions", e_logits <= RTOL, f"rel err {e_logits:.2e}", e_logits)
+    report.add(f"{label}: final hidden states", e_hidden <= RTOL, f"rel err {e_hidden:.2e}", e_hidden)
+    n = len(seq) - 1
+    caches = getattr(backend, "caches", None)
+    if caches is not None:
+        prod = layout["kv_producers"]
+        slots = layout["ring_slots"]
+        full_i, slide_i = prod["full_attention"], prod["sliding_attention"]
+        for kind, idx, name in (("key", 0, "key"), ("value", 1, "value")):
+            full = caches[f"past_key_values.{full_i}.{name}"][:, :, :n]
+            e = rel_err(full, shared["full_attention"][idx].numpy())
+            report.add(f"{label}: full cache {full_i} {kind} (slots 0..{n - 1})", e <= RTOL, f"rel err {e:.2e}", e)
+            positions = np.arange(n - slots, n)
+            ring = caches[f"past_key_values.{slide_i}.{name}"][:, :, positions % slots]
+            e = rel_err(ring, shared["sliding_attention"][idx].numpy()[:, :, positions])
+            report.add(f"{label}: ring cache {slide_i} {kind} ({slots} slots)", e <= RTOL, f"rel err {e:.2e}", e)
+    report.add(f"{label}: greedy tokens", ours == greedy, f"{_first_diff(ours, greedy)}")
+
+    # tokens and drafts, speculative
+    outcomes = {"none": 0, "some": 0, "all": 0}
+    for k in (1, 2, 3, 4):
+        mismatched = []
+
+        def on_round(pos, drafts, accepted, k=k, mismatched=mismatched):
+            expected = ref.drafts(seq, hidden_t, shared, pos, len(drafts))
+            if drafts != expected:
+                mismatched.append(pos)
+
+        spec, stats, _ = speculative_generate(backend, prompt_ids, new_tokens, k, on_round=on_round)
+        hf_spec, hf_stats = pair.generate(prompt_ids, new_tokens, k, stop_at_eos=False)
+        report.add(
+            f"{label}: speculative k={k} tokens",
+            spec == greedy and hf_spec == greedy,
+            f"{_first_diff(spec, greedy)}; mean accepted length {stats.mean_accepted_length:.2f} "
+            f"(transformers {hf_stats.mean_accepted_length:.2f})",
+            stats.mean_accepted_length,
+        )
+        report.add(
+            f"{label}: drafts k={k} == transformers drafter",
+            not mismatched,
+            f"{stats.verify_passes} rounds, {len(mismatched)} differ" + (f" (first at {mismatched[0]})" if mismatched else ""),
+        )
+
+    corrupt = CorruptDrafts(backend)
+
+    def count(pos, drafts, accepted):
+        outcomes["none" if accepted == 0 else "all" if accepted == len(drafts) else "some"] += 1
+
+    spec, stats, _ = speculative_generate(corrupt, prompt_ids, new_tokens, 4, on_round=count)
+    report.add(
+        f"{label}: corrupted drafts k=4 (rollback)",
+        spec == greedy and all(outcomes.values()),
+        f"{_first_diff(spec, greedy)}; rounds with none/some/all accepted: "
+        f"{outcomes['none']}/{outcomes['some']}/{outcomes['all']}",
+    )
+
+
+def _first_diff(a, b) -> str:
+    if a == b:
+        return f"{len(a)} tokens identical"
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"first difference at new token {i}"
+
+
+def main(argv=None) -> int:
+    from runtime.generate import DEMO_ASSISTANT, DEMO_TARGET, load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.parity", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET)
+    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT)
+    ap.add_argument("--artifacts", type=Path, help="an ONNX export dir; default: export (cached) from the checkpoints")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=Path("artifacts/parity/parity.json"))
+    args = ap.parse_args(argv)
+
+    from export.cache import cached_onnx_export
+    from export.checkpoint import load_pair
+    from runtime.onnx_backend import OnnxBackend
+
+    try:
+        target, drafter = load_pair(args.checkpoint, args.assistant)
+        artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
+        backend = OnnxBackend(artifacts)
+        tok = load_tokenizer(args.checkpoint)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if drafter is None:
+        print("error: parity needs a drafter (ASSISTANT)", file=sys.stderr)
+        return 2
+    ref = Reference(target, drafter)
+    report = Report()
+    print(f"parity: {artifacts} vs transformers, tolerance rel {RTOL:g}")
+    for path in PROMPTS:
+        ids = tok.encode(path.read_text()).ids
+        check_prompt(report, ref, backend, backend.layout, ids, args.new_tokens, f"onnx/{path.stem}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"ok": report.ok, "rtol": RTOL, "checks": [c.__dict__ for c in report.checks]}, indent=1) + "\n"
+    )
+    failed = [c for c in report.checks if not c.ok]
+    print(f"\n{len(report.checks) - len(failed)} passed, {len(failed)} failed  (details: {args.out})")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
