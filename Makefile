@@ -11,20 +11,24 @@ MAX_NEW_TOKENS ?= 64
 DRAFT_TOKENS   ?= 0
 TARGET         ?= android
 OUT            ?= artifacts
+BENCH_OUT      ?= artifacts/bench
 
 GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) \
 	--max-new-tokens $(MAX_NEW_TOKENS) --draft-tokens $(DRAFT_TOKENS) \
 	$(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPT_FILE),--prompt-file $(PROMPT_FILE)) \
-	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos)
+	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
+	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test test-slow generate export demo-model clean
+.PHONY: help venv test test-slow generate export parity bench demo-model clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=dir]"
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
 	@echo "make test-slow            slow tier"
-	@echo "make generate [BACKEND=torch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
-	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir] [JSON=1] [IGNORE_EOS=1]"
+	@echo "make generate [BACKEND=torch|onnx] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
+	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
+	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir]   exported graphs vs transformers"
+	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 1 hour)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -46,6 +50,13 @@ generate: $(STAMP)
 
 export: $(STAMP)
 	$(PY) -m export --target $(TARGET) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(OUT)
+
+parity: $(STAMP)
+	$(PY) -m runtime.parity --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+bench: $(STAMP)
+	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \
+		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
 demo-model: $(STAMP)
 	$(PY) -m export.demo.train --out export/demo/weights

@@ -4,8 +4,10 @@ Steps today:
 1. read and check the pair (strict weight mapping, pair compatibility);
 2. reference check: on a held-out prompt that runs past two sliding windows, transformers'
    speculative output must equal its greedy output, with the acceptance statistics printed;
-3. stop, saying so: the ONNX and ExecuTorch exporters (issues 3 and 4) and the deployment
-   targets (issue 5) are not built yet, so no artifact is written and the exit status is 3.
+3. stop, saying so: the per-target artifacts (ExecuTorch programs, quantized graphs and the
+   manifest; issues 4 and 5) are not built yet, so nothing is written to OUT and the exit
+   status is 3. The fp32 ONNX graphs already export (`make parity`, `make generate
+   BACKEND=onnx`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({s_stats.accepted}/{s_stats.drafted} drafts accepted) [{time.time() - t0:.1f}s]"
     )
     print(
-        f"[3/3] NOT EXPORTED: the ONNX and ExecuTorch exporters for target {args.target!r} are not built yet "
-        f"(open issues 3-5); nothing was written to {args.out}.",
+        f"[3/3] NOT EXPORTED: the {args.target!r} artifacts (ExecuTorch .pte, quantized graphs, manifest) are "
+        f"not built yet (open issues 4-5); nothing was written to {args.out}. fp32 ONNX graphs: "
+        "`make parity` / `make generate BACKEND=onnx`.",
         file=sys.stderr,
     )
     return EXIT_NOT_EXPORTED

@@ -1,0 +1,112 @@
+"""The shared loops and the cache layout, on a scripted backend (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.config import preset
+from export.modules import CacheLayout
+from runtime.loop import greedy_generate, speculative_generate
+
+V = 50
+
+
+def next_token(tok: int) -> int:
+    return (3 * tok + 1) % V
+
+
+class Scripted:
+    """Target: the next token is next_token(current). Drafter: right except where
+    `wrong(position, step)` says. Records the target calls."""
+
+    name = "scripted"
+    eos_token_ids = ()
+
+    def __init__(self, wrong=lambda pos, step: False):
+        self.wrong = wrong
+        self.calls = []
+        self.step = 0
+
+    def reset(self):
+        self.calls = []
+
+    def target(self, ids, start):
+        self.calls.append((start, list(ids)))
+        logits = np.zeros((len(ids), V), np.float32)
+        logits[np.arange(len(ids)), [next_token(t) for t in ids]] = 1.0
+        return logits, np.zeros((len(ids), 4), np.float32) + np.arange(start, start + len(ids))[:, None]
+
+    def draft(self, token, state, position):
+        step = int(state[0]) if state.shape == (5,) else 0
+        guess = next_token(token)
+        if self.wrong(position, step):
+            guess = (guess + 1) % V
+        logits = np.zeros(V, np.float32)
+        logits[guess] = 1.0
+        return logits, np.full(5, step + 1, np.float32)
+
+
+def test_greedy_is_one_pass_per_token():
+    b = Scripted()
+    out, stats, _ = greedy_generate(b, [1, 2, 3], 6)
+    expected = [next_token(3)]
+    while len(expected) < 6:
+        expected.append(next_token(expected[-1]))
+    assert out == expected
+    assert stats.target_passes == 6 and b.calls[0] == (0, [1, 2, 3]) and b.calls[1][0] == 3
+
+
+def test_all_drafts_accepted_gives_k_plus_one_per_pass():
+    b = Scripted()
+    out, stats, _ = speculative_generate(b, [1, 2, 3], 11, 4)
+    greedy, _, _ = greedy_generate(Scripted(), [1, 2, 3], 11)
+    assert out == greedy
+    # prefill -> 1 token; then rounds of 4 drafts + 1: 5 + 5 = 11
+    assert stats.target_passes == 3 and stats.accepted == 8 and stats.drafted == 8
+    assert stats.mean_accepted_length == 5.0
+    assert [c[0] for c in b.calls] == [0, 3, 8]
+
+
+def test_partial_acceptance_restarts_at_the_first_rejected_position():
+    # the third draft of every round is wrong: 2 accepted + 1 target token per round
+    b = Scripted(wrong=lambda pos, step: step == 2)
+    out, stats, _ = speculative_generate(b, [1, 2, 3], 10, 4)
+    assert out == greedy_generate(Scripted(), [1, 2, 3], 10)[0]
+    starts = [c[0] for c in b.calls]
+    assert starts == [0, 3, 6, 9]  # each round keeps 3 of the positions it verified
+    assert stats.accepted == 2 * 3 and stats.mean_accepted_length == 3.0
+
+
+def test_drafts_shrink_near_the_end_like_transformers():
+    b = Scripted()
+    out, stats, _ = speculative_generate(b, [1], 4, 4)
+    assert len(out) == 4
+    # 1 from prefill, then at most max_new - generated - 1 = 2 drafts, giving 3 tokens
+    assert [len(ids) for _, ids in b.calls] == [1, 3]
+
+
+def test_eos_stops_generation():
+    b = Scripted()
+    b.eos_token_ids = (next_token(next_token(3)),)
+    out, _, _ = speculative_generate(b, [1, 2, 3], 20, 4, eos_token_ids=b.eos_token_ids)
+    assert out == [next_token(3), next_token(next_token(3))]
+
+
+def test_ring_positions_pinned():
+    layout = CacheLayout(preset("demo").target.attention, max_context=256, max_draft=4)
+    assert layout.ring_slots == 69
+    # before any call: every slot empty (negative)
+    assert (layout.ring_positions(torch.tensor(0)) < 0).all()
+    pos = layout.ring_positions(torch.tensor(100))
+    assert pos.tolist()[:3] == [69, 70, 71] and pos[99 % 69] == 99 and pos.max() == 99 and pos.min() == 31
+    # a stale slot written by a rejected position 102 (start rolled back to 101) reads as 33
+    stale = layout.ring_positions(torch.tensor(101))[102 % 69]
+    assert stale == 102 - 69
+    assert stale < 101 - 64 - 1  # below the drafter's window (and the target's)
+
+
+def test_layout_refuses_a_context_inside_the_window():
+    with pytest.raises(ValueError, match="must exceed the sliding window"):
+        CacheLayout(preset("demo").target.attention, max_context=64, max_draft=4)
