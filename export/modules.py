@@ -184,6 +184,17 @@ class TargetStep(nn.Module):
         sliding_allowed = torch.cat([ring_ok.expand(n, -1), new_ok], dim=1)
         allowed = {FULL: full_allowed, SLIDING: sliding_allowed}
 
+        # Ring update after attending: each slot takes the newest new entry with its residue,
+        # if any (shape-static in the slot count, no branch on N, no duplicate writes).
+        slots = self.layout.ring_slots
+        last = start + n - 1
+        newest = last - torch.remainder(last - torch.arange(slots) + slots, slots)
+        take = newest >= start  # [slots]
+        src = torch.clamp(newest - start, min=0)  # index into the N new entries
+
+        def ring_write(past, new):
+            return torch.where(take[None, None, :, None], new.index_select(2, src), past)
+
         present = []
         shared_kv = {}
         h = inputs_embeds
@@ -206,13 +217,7 @@ class TargetStep(nn.Module):
                 else:
                     k_all = torch.cat([past_k, k], dim=2)
                     v_all = torch.cat([past_v, v], dim=2)
-                    # write the last min(N, slots) new entries after attending
-                    keep = positions[-self.layout.ring_slots :]
-                    slots = torch.remainder(keep, self.layout.ring_slots)
-                    present += [
-                        past_k.index_copy(2, slots, k[:, :, -self.layout.ring_slots :]),
-                        past_v.index_copy(2, slots, v[:, :, -self.layout.ring_slots :]),
-                    ]
+                    present += [ring_write(past_k, k), ring_write(past_v, v)]
                 if self.producers.get(lt) == i:
                     shared_kv[lt] = (k_all, v_all)
             else:
