@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
 
 # fp32 on both sides, different kernels and summation order (onnxruntime's fused MatMul /
-# Softmax vs transformers' SDPA); measured max relative error ~5e-5 over 12 layers and
-# ~450 positions, so 2e-4 leaves headroom without hiding a wrong mask or a wrong cache slot
-# (those show up as errors of order 1e-1 and above).
-RTOL = 2e-4
+# Softmax vs transformers' SDPA): measured max relative error 8e-7 on the demo pair and
+# 6e-5 on a random-weight pair of the same shape (larger activations), over ~690 positions.
+# 1e-4 is the usual fp32 bound; a wrong mask or cache slot shows up as 1e-1 and above.
+RTOL = 1e-4
 # Drafts are compared as tokens. The drafter's input state carries the target's ~1e-4
 # relative difference and passes through up to 4 unrolled steps; a different argmax is
 # accepted only where the reference's own top two logits lie within this relative gap.
@@ -95,27 +95,31 @@ class Capture:
 
 
 class CorruptDrafts:
-    """Replaces the drafter's choice by a wrong token on a fixed pattern of steps, so that
-    rounds end with none, some or all drafts accepted."""
+    """Replaces the drafter's choice by a wrong token on a fixed pattern of rounds: the first
+    draft of every third round, the third draft of the next one, none in the one after, so
+    that rounds end with none, some and all drafts accepted."""
 
     def __init__(self, backend):
-        self.backend, self.calls = backend, 0
+        self.backend = backend
         self.name = backend.name
         self.eos_token_ids = backend.eos_token_ids
+        self.round, self.step, self.position = -1, 0, None
 
     def reset(self):
-        self.calls = 0
+        self.round, self.step, self.position = -1, 0, None
         self.backend.reset()
 
     def target(self, ids, start):
         return self.backend.target(ids, start)
 
     def draft(self, token, state, position):
+        if position != self.position:  # every round drafts at one new position
+            self.round, self.step, self.position = self.round + 1, 0, position
         logits, state = self.backend.draft(token, state, position)
-        self.calls += 1
-        if self.calls % 3 == 0:
+        if self.step == {0: 0, 1: 2}.get(self.round % 3, -1):
             logits = logits.copy()
             logits[(int(np.argmax(logits)) + 7) % len(logits)] = np.float32(1e30)
+        self.step += 1
         return logits, state
 
 
