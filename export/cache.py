@@ -1,8 +1,9 @@
 """Exports cached by their inputs: `make generate BACKEND=onnx CHECKPOINT=.. ASSISTANT=..`
 exports once into `.cache/exports/<key>` and reuses it while the inputs are unchanged.
 
-The key hashes the checkpoint files (name, size, modification time), the export settings
-and the toolchain versions. A new export is written to a temporary folder and renamed into
+The key hashes the checkpoint files (name, size, modification time), the export settings,
+the exporter's own source (so a changed exporter never serves a stale graph) and the
+toolchain versions. A new export is written to a temporary folder and renamed into
 place, so an interrupted export never leaves a half-written cache entry.
 """
 
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "exports"))
 DEFAULT_MAX_CONTEXT = 1024
 DEFAULT_MAX_DRAFT = 4
+EXPORTER_SOURCES = [Path(__file__).parent / name for name in ("modules.py", "onnx_export.py", "checkpoint.py")]
 
 
 def _fingerprint(path: Path | None) -> list:
@@ -42,6 +44,7 @@ def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) 
             "target": [str(Path(checkpoint).resolve()), _fingerprint(checkpoint)],
             "assistant": [str(Path(assistant).resolve()) if assistant else None, _fingerprint(assistant)],
             "settings": settings,
+            "exporter": [hashlib.sha256(p.read_bytes()).hexdigest() for p in EXPORTER_SOURCES],
             "versions": [torch.__version__, transformers.__version__, onnx.__version__],
         },
         sort_keys=True,

@@ -105,30 +105,48 @@ def _cos_sin(rotary, layer_type: str, positions: torch.Tensor):
     return emb.cos() * scale, emb.sin() * scale
 
 
-def _attend(q, k, v, allowed, num_heads):
-    """q: [1, H, N, d]; k/v: [1, kvh, T, d]; allowed: [N, T] bool. Scaling 1.0 (Gemma 4
-    normalises q and k instead)."""
-    rep = num_heads // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3))
+def _rms(norm, x):
+    """Gemma4RMSNorm written as x / sqrt(mean(x^2) + eps) * w: the pattern onnxruntime fuses
+    into one SimplifiedLayerNormalization (transformers writes pow(., -0.5))."""
+    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return y * norm.weight if norm.with_scale else y
+
+
+def gelu_tanh(x, elementary: bool):
+    """gelu_pytorch_tanh. elementary=True spells out the tanh formula, for delegates that
+    would otherwise run the erf GELU (ExecuTorch 1.5.1's XNNPACK)."""
+    if not elementary:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def _mlp(mlp, x, elementary_gelu: bool):
+    return mlp.down_proj(gelu_tanh(mlp.gate_proj(x), elementary_gelu) * mlp.up_proj(x))
+
+
+def _attend(q, k, v, allowed):
+    """q: [1, H, N, d]; k/v: [1, kvh, T, d]; allowed: [N, T] bool. Grouped heads broadcast
+    over the shared K/V (no copies); scaling 1.0 (Gemma 4 normalises q and k instead)."""
+    heads, n, d = q.shape[1], q.shape[2], q.shape[3]
+    kvh = k.shape[1]
+    q = q.reshape(1, kvh, heads // kvh * n, d)  # rows: (head in group, query)
+    scores = torch.matmul(q, k.transpose(2, 3)).reshape(1, heads, n, -1)
     scores = scores.masked_fill(~allowed, NEG)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)  # [1, H, N, d]
-    return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+    probs = torch.softmax(scores, dim=-1).reshape(1, kvh, heads // kvh * n, -1)
+    out = torch.matmul(probs, v).reshape(1, heads, n, d)
+    return out.transpose(1, 2).reshape(1, n, heads * d)
 
 
-def _layer_tail(layer, residual, attn_out, per_layer_input):
+def _layer_tail(layer, residual, attn_out, per_layer_input, elementary_gelu: bool):
     """Everything in a Gemma 4 decoder layer after the attention core."""
-    h = residual + layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out))
+    h = residual + _rms(layer.post_attention_layernorm, layer.self_attn.o_proj(attn_out))
     residual = h
-    h = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-    h = residual + h
+    h = _rms(layer.pre_feedforward_layernorm, h)
+    h = residual + _rms(layer.post_feedforward_layernorm, _mlp(layer.mlp, h, elementary_gelu))
     if per_layer_input is not None:
         residual = h
-        g = layer.act_fn(layer.per_layer_input_gate(h)) * per_layer_input
-        h = residual + layer.post_per_layer_input_norm(layer.per_layer_projection(g))
+        g = gelu_tanh(layer.per_layer_input_gate(h), elementary_gelu) * per_layer_input
+        h = residual + _rms(layer.post_per_layer_input_norm, layer.per_layer_projection(g))
     return h * layer.layer_scalar
 
 
@@ -152,13 +170,13 @@ class TargetStep(nn.Module):
     """Functional target step: caches in, updated caches out (ONNX form). Caches are given
     as key, value per owner layer in `layout.owners` order."""
 
-    def __init__(self, target, layout: CacheLayout):
+    def __init__(self, target, layout: CacheLayout, elementary_gelu: bool = False):
         super().__init__()
+        self.elementary_gelu = elementary_gelu
         self.model = target.model
         self.lm_head = target.lm_head
         self.layout = layout
         self.softcap = target.config.final_logit_softcapping
-        self.num_heads = target.config.num_attention_heads
         self.window = layout.attention.sliding_window
         self.producers = layout.attention.kv_producers()
 
@@ -171,7 +189,7 @@ class TargetStep(nn.Module):
 
         # PLE, context path: projection of the embeddings, normalised, joined to the token path.
         proj = m.per_layer_model_projection(inputs_embeds) * m.per_layer_model_projection_scale
-        proj = m.per_layer_projection_norm(proj.reshape(per_layer_inputs.shape))
+        proj = _rms(m.per_layer_projection_norm, proj.reshape(per_layer_inputs.shape))
         ple = (proj + per_layer_inputs) * m.per_layer_input_scale
 
         rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in (SLIDING, FULL)}
@@ -202,13 +220,13 @@ class TargetStep(nn.Module):
             lt = a.layer_types[i]
             attn = layer.self_attn
             cos, sin = rope[lt]
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
+            x = _rms(layer.input_layernorm, h)
+            q = _rms(attn.q_norm, attn.q_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
             q = _rope(q, cos, sin)
             if i < a.first_shared_layer:
-                k = attn.k_norm(attn.k_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
+                k = _rms(attn.k_norm, attn.k_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
                 k = _rope(k, cos, sin)
-                v = attn.v_norm(attn.v_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
+                v = _rms(attn.v_norm, attn.v_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
                 past_k, past_v = caches[2 * i], caches[2 * i + 1]
                 if lt == FULL:
                     k_all = past_k.index_copy(2, positions, k)
@@ -222,10 +240,10 @@ class TargetStep(nn.Module):
                     shared_kv[lt] = (k_all, v_all)
             else:
                 k_all, v_all = shared_kv[lt]
-            out = _attend(q, k_all, v_all, allowed[lt], self.num_heads)
-            h = _layer_tail(layer, h, out, ple[:, :, i, :])
+            out = _attend(q, k_all, v_all, allowed[lt])
+            h = _layer_tail(layer, h, out, ple[:, :, i, :], self.elementary_gelu)
 
-        hidden = m.norm(h)
+        hidden = _rms(m.norm, h)
         logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -236,13 +254,13 @@ class DrafterStep(nn.Module):
     """One MTP drafter step. inputs_embeds = concat(target_embed(token), state): [1, 1, 2B];
     position_ids [1, 1] = p; shared caches of the target's last full and last sliding owner."""
 
-    def __init__(self, drafter, layout: CacheLayout):
+    def __init__(self, drafter, layout: CacheLayout, elementary_gelu: bool = False):
         super().__init__()
+        self.elementary_gelu = elementary_gelu
         self.drafter = drafter
         self.layout = layout
         tc = drafter.config.get_text_config()
         self.layer_types = list(tc.layer_types)
-        self.num_heads = tc.num_attention_heads
         self.window = tc.sliding_window
         me = drafter.masked_embedding
         if me is not None:
@@ -269,12 +287,12 @@ class DrafterStep(nn.Module):
         for i, layer in enumerate(m.layers):
             lt = self.layer_types[i]
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(1, 1, -1, attn.head_dim)).transpose(1, 2)
+            x = _rms(layer.input_layernorm, h)
+            q = _rms(attn.q_norm, attn.q_proj(x).view(1, 1, -1, attn.head_dim)).transpose(1, 2)
             q = _rope(q, *rope[lt])
-            out = _attend(q, kv[lt][0], kv[lt][1], allowed[lt], self.num_heads)
-            h = _layer_tail(layer, h, out, None)
-        h = m.norm(h)
+            out = _attend(q, kv[lt][0], kv[lt][1], allowed[lt])
+            h = _layer_tail(layer, h, out, None, self.elementary_gelu)
+        h = _rms(m.norm, h)
         state = d.post_projection(h)
         if d.masked_embedding is None:
             return d.lm_head(h), state

@@ -27,7 +27,7 @@ import torch
 from export.config import FULL, SLIDING, TargetSpec
 from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
 
-OPSET = 18
+OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
 LAYOUT_FILE = "layout.json"
 
 

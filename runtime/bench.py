@@ -60,11 +60,11 @@ def torch_step_costs(target, drafter, context: list[int], max_draft: int) -> dic
     ids = torch.tensor([context])
     out = target(ids, use_cache=True, return_shared_kv_states=True, output_hidden_states=True)
     cache = out.past_key_values
-    base = cache.get_seq_length()
+    cache.activate_past_recording()  # lets crop() undo each timed step, as assisted decoding does
 
     def step(n):
         target(torch.tensor([[context[-1]] * n]), past_key_values=cache, use_cache=True)
-        cache.crop(base)
+        cache.crop(-n)  # drop the n timed entries (negative: required once a window is full)
 
     costs = {"decode_ms": median_ms(lambda: step(1), repeats=15)}
     for k in range(1, max_draft + 1):

@@ -43,10 +43,13 @@ class OnnxBackend:
         if not layout_file.is_file():
             raise ArtifactError(f"{layout_file} not found: {self.dir} is not an ONNX export of this toolchain")
         self.layout = json.loads(layout_file.read_text())
-        self.embed_sess = _session(self.dir / "embed.onnx", threads)
+        # The target gets the intra-op pool; the embedding lookup and the drafter step are too
+        # small to gain from threads and run on the calling thread, so they never contend
+        # with the target pool's spinning workers.
+        self.embed_sess = _session(self.dir / "embed.onnx", 1)
         self.target_sess = _session(self.dir / "target.onnx", threads)
         drafter = self.dir / "drafter.onnx"
-        self.drafter_sess = _session(drafter, threads) if drafter.is_file() else None
+        self.drafter_sess = _session(drafter, 1) if drafter.is_file() else None
         self.owners = self.layout["cache_owners"]
         self.past_names = [f"past_key_values.{i}.{kv}" for i in self.owners for kv in ("key", "value")]
         self.prefill_chunk = min(prefill_chunk, self.layout["max_context"])
