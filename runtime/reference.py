@@ -102,8 +102,10 @@ class ReferencePair:
         config = copy.deepcopy(self.target.generation_config)
         config.do_sample = False
         config.max_new_tokens = max_new_tokens
-        config.min_new_tokens = 0 if stop_at_eos else max_new_tokens
-        config.eos_token_id = self.eos_token_ids
+        # Not stopping at EOS must not suppress it either (min_new_tokens would mask its logit
+        # and change the greedy tokens): without EOS ids nothing stops early.
+        config.min_new_tokens = None
+        config.eos_token_id = self.eos_token_ids if stop_at_eos else None
         config.pad_token_id = self.target.config.pad_token_id
         for attr in ("temperature", "top_p", "top_k"):
             setattr(config, attr, None)

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("export/demo/weights"))
     ap.add_argument("--target-steps", type=int, default=1100)
-    ap.add_argument("--drafter-steps", type=int, default=1200)
+    ap.add_argument("--drafter-steps", type=int, default=3000)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--draft-steps", type=int, default=4, help="unrolled drafter steps in training")
