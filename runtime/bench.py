@@ -6,8 +6,10 @@ Steps:
    verify (k+1 tokens) and one drafter step, in onnxruntime and in PyTorch eager
    (transformers), median of repeated calls;
 3. generation on the held-out prompts, `--new-tokens` each (EOS ignored), greedy and
-   speculative for each draft length, runs interleaved and repeated, median kept:
-   decode tokens/s = (new tokens - 1) / (time after the prefill pass);
+   speculative for each draft length, runs interleaved and repeated:
+   decode tokens/s = (new tokens - 1) / (time after the prefill pass), medians reported;
+   speedup = median over (prompt, repeat) of speculative / greedy of the same pair of runs,
+   which cancels the drift of a shared machine;
 4. predicted speedup from the measured acceptance and the step costs of the same runs:
    mean_accepted_length * decode_ms / (verify_ms(k+1) + k * draft_ms);
 5. a table on stdout; under `--out`: bench.json keyed by backend and speedup.png.
@@ -89,20 +91,24 @@ def bench_loops(backend, prompts, new_tokens, draft_lengths, repeats):
     """Greedy and speculative runs interleaved; medians of decode tokens/s per setting."""
     rates = {0: []}
     rates.update({k: [] for k in draft_lengths})
+    ratios = {k: [] for k in draft_lengths}
     accept = {k: [] for k in draft_lengths}
     step_ms = {k: {} for k in [0, *draft_lengths]}
     for _ in range(repeats):
         for ids in prompts:
             _, stats, timer = greedy_generate(backend, ids, new_tokens)
-            rates[0].append(decode_rate(stats, timer))
+            greedy = decode_rate(stats, timer)
+            rates[0].append(greedy)
             step_ms[0] = timer.mean_ms()
             for k in draft_lengths:
                 _, stats, timer = speculative_generate(backend, ids, new_tokens, k)
                 rates[k].append(decode_rate(stats, timer))
+                ratios[k].append(rates[k][-1] / greedy)
                 accept[k].append(stats.mean_accepted_length)
                 step_ms[k] = timer.mean_ms()
     return (
         {k: statistics.median(v) for k, v in rates.items()},
+        {k: statistics.median(v) for k, v in ratios.items()},
         {k: statistics.mean(v) for k, v in accept.items()},
         step_ms,
     )
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT)
     ap.add_argument("--artifacts", type=Path, help="ONNX export dir; default: export (cached) from the checkpoints")
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"))
@@ -168,21 +174,24 @@ def main(argv=None) -> int:
     costs["torch"] = torch_step_costs(target, drafter, prompts[0], args.max_draft)
 
     results = {}
-    rates, accept, step_ms = bench_loops(backend, prompts, args.new_tokens, ks, args.repeats)
-    results["onnx"] = _entries(rates, accept, step_ms, costs["onnx"], ks)
+    rates, ratios, accept, step_ms = bench_loops(backend, prompts, args.new_tokens, ks, args.repeats)
+    results["onnx"] = _entries(rates, ratios, accept, step_ms, costs["onnx"], ks)
 
     # transformers reference: its own greedy and assisted generate, one run each per prompt
     pair = ReferencePair(target, drafter)
     ref_rates = {k: [] for k in [0, *ks]}
+    ref_ratios = {k: [] for k in ks}
     ref_accept = {k: [] for k in ks}
     for ids in prompts:
         for k in [0, *ks]:
             _, st = pair.generate(ids, args.new_tokens, k, stop_at_eos=False)
-            ref_rates[k].append(st.new_tokens / st.seconds)
+            ref_rates[k].append(st.new_tokens / st.seconds)  # prefill included: generate() is one call
             if k:
+                ref_ratios[k].append(ref_rates[k][-1] / ref_rates[0][-1])
                 ref_accept[k].append(st.mean_accepted_length)
     results["torch"] = _entries(
         {k: statistics.median(v) for k, v in ref_rates.items()},
+        {k: statistics.median(v) for k, v in ref_ratios.items()},
         {k: statistics.mean(v) for k, v in ref_accept.items()},
         None,
         costs["torch"],
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _entries(rates, accept, step_ms, costs, ks) -> dict:
+def _entries(rates, ratios, accept, step_ms, costs, ks) -> dict:
     rows = []
     for k in ks:
         if step_ms:  # costs from the generation runs themselves
@@ -211,7 +220,7 @@ def _entries(rates, accept, step_ms, costs, ks) -> dict:
                 "draft_tokens": k,
                 "greedy_tok_s": round(rates[0], 2),
                 "speculative_tok_s": round(rates[k], 2),
-                "speedup": round(rates[k] / rates[0], 3),
+                "speedup": round(ratios[k], 3),
                 "predicted_speedup": round(predicted_speedup(accept[k], decode, verify, draft, k), 3),
                 "mean_accepted_length": round(accept[k], 3),
                 "decode_step_ms": round(decode, 4),
