@@ -96,6 +96,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._handles: dict = {}
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
@@ -131,11 +132,15 @@ class SafetensorsCheckpoint:
     def _open(self, name: str):
         from safetensors import SafetensorError, safe_open
 
-        file = self.path / name
-        try:
-            return safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read as safetensors ({e}); the file may be truncated or corrupt") from None
+        if name not in self._handles:
+            file = self.path / name
+            try:
+                self._handles[name] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(
+                    f"{file}: cannot read as safetensors ({e}); the file may be truncated or corrupt"
+                ) from None
+        return self._handles[name]
 
     def keys(self) -> list[str]:
         return sorted(self.key_file)
