@@ -19,12 +19,11 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test test-slow generate export parity bench demo-model clean
+.PHONY: help venv test generate export parity bench demo-model clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=dir]"
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
-	@echo "make test-slow            slow tier"
 	@echo "make generate [BACKEND=torch|onnx] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
 	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir]   exported graphs vs transformers"
@@ -41,9 +40,6 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow -q
 
 generate: $(STAMP)
 	@$(PY) -m runtime.generate $(GEN_ARGS)

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     drafter.masked_embedding.token_ordering.copy_(ordering)
     log(f"drafter: {sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M parameters")
     train_drafter(
-        drafter, target, stream, args.drafter_steps, 256, args.batch, 3e-3, args.seed + 2, args.draft_steps
+        drafter, target, stream, args.drafter_steps, args.seq_len // 2, args.batch, 3e-3, args.seed + 2, args.draft_steps
     )
 
     target.generation_config.eos_token_id = list(pair.target.eos_token_ids)
