@@ -39,7 +39,7 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -q
 
 generate: $(STAMP)
 	@$(PY) -m runtime.generate $(GEN_ARGS)
