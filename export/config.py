@@ -11,7 +11,7 @@ Steps:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -286,10 +286,7 @@ def _pattern(sliding_per_full: int, repeats: int) -> tuple[str, ...]:
 class PairPreset:
     target: TargetSpec
     drafter: DrafterSpec
-    notes: str = field(default="")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    notes: str = ""
 
 
 _DRAFTER_LAYERS = (SLIDING, SLIDING, SLIDING, FULL)
