@@ -143,12 +143,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from runtime.generate import DEMO_ASSISTANT, DEMO_TARGET, load_tokenizer
+    from runtime.generate import add_pair_arguments, load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET)
-    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT)
-    ap.add_argument("--artifacts", type=Path, help="ONNX export dir; default: export (cached) from the checkpoints")
+    add_pair_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-draft", type=int, default=4)
@@ -161,10 +159,14 @@ def main(argv=None) -> int:
     from runtime.onnx_backend import OnnxBackend
     from runtime.reference import ReferencePair
 
-    target, drafter = load_pair(args.checkpoint, args.assistant)
-    artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
-    backend = OnnxBackend(artifacts, threads=args.threads)
-    tok = load_tokenizer(args.checkpoint)
+    try:
+        target, drafter = load_pair(args.checkpoint, args.assistant)
+        artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
+        backend = OnnxBackend(artifacts, threads=args.threads)
+        tok = load_tokenizer(args.checkpoint)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     prompts = [tok.encode(p.read_text()).ids for p in PROMPTS]
     ks = list(range(1, args.max_draft + 1))
 

@@ -151,6 +151,13 @@ def generate(
     return GenerateResult(ids, new_ids, text, stats)
 
 
+def add_pair_arguments(ap: argparse.ArgumentParser) -> None:
+    """--checkpoint, --assistant, --artifacts: shared by generate, parity and bench."""
+    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET, help="target checkpoint dir (default: demo)")
+    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT, help="drafter checkpoint dir (default: demo)")
+    ap.add_argument("--artifacts", type=Path, help="an earlier ONNX export dir (default: export, cached, from the checkpoints)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m runtime.generate",
@@ -163,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--draft-tokens", type=int, default=0, help="drafts per round; 0 = greedy (default)")
     ap.add_argument("--backend", default="torch", help=f"one of: {', '.join(sorted(BACKENDS))}")
-    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET, help="target checkpoint dir (default: demo)")
-    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT, help="drafter checkpoint dir (default: demo)")
-    ap.add_argument("--artifacts", type=Path, help="an earlier ONNX export directory (onnx backend)")
+    add_pair_arguments(ap)
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     args = ap.parse_args(argv)

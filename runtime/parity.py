@@ -243,12 +243,10 @@ def _first_diff(a, b) -> str:
 
 
 def main(argv=None) -> int:
-    from runtime.generate import DEMO_ASSISTANT, DEMO_TARGET, load_tokenizer
+    from runtime.generate import add_pair_arguments, load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m runtime.parity", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET)
-    ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT)
-    ap.add_argument("--artifacts", type=Path, help="an ONNX export dir; default: export (cached) from the checkpoints")
+    add_pair_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("artifacts/parity/parity.json"))
     args = ap.parse_args(argv)
