@@ -129,12 +129,11 @@ def _attend(q, k, v, allowed):
     over the shared K/V (no copies); scaling 1.0 (Gemma 4 normalises q and k instead)."""
     heads, n, d = q.shape[1], q.shape[2], q.shape[3]
     kvh = k.shape[1]
-    q = q.reshape(1, kvh, heads // kvh * n, d)  # rows: (head in group, query)
-    scores = torch.matmul(q, k.transpose(2, 3)).reshape(1, heads, n, -1)
+    q = q.reshape(1, kvh, heads // kvh, n, d)
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(3, 4))  # [1, kvh, group, N, T]
     scores = scores.masked_fill(~allowed, NEG)
-    probs = torch.softmax(scores, dim=-1).reshape(1, kvh, heads // kvh * n, -1)
-    out = torch.matmul(probs, v).reshape(1, heads, n, d)
-    return out.transpose(1, 2).reshape(1, n, heads * d)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))  # [1, kvh, group, N, d]
+    return out.reshape(1, heads, n, d).transpose(1, 2).reshape(1, n, heads * d)
 
 
 def _layer_tail(layer, residual, attn_out, per_layer_input, elementary_gelu: bool):
