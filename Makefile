@@ -24,9 +24,9 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=dir]"
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
-	@echo "make generate [BACKEND=torch|onnx] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
+	@echo "make generate [BACKEND=torch|onnx|executorch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
-	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir]   exported graphs vs transformers"
+	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 1 hour)"
 
@@ -48,7 +48,8 @@ export: $(STAMP)
 	$(PY) -m export --target $(TARGET) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(OUT)
 
 parity: $(STAMP)
-	$(PY) -m runtime.parity --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+	$(PY) -m runtime.parity --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) \
+		$(if $(PARITY_BACKEND),--backend $(PARITY_BACKEND))
 
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \

@@ -20,7 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "exports"))
 DEFAULT_MAX_CONTEXT = 1024
 DEFAULT_MAX_DRAFT = 4
-EXPORTER_SOURCES = [Path(__file__).parent / name for name in ("modules.py", "onnx_export.py", "checkpoint.py")]
+_HERE = Path(__file__).parent
+EXPORTER_SOURCES = {
+    "onnx": [_HERE / name for name in ("modules.py", "onnx_export.py", "checkpoint.py")],
+    "executorch": [_HERE / name for name in ("modules.py", "onnx_export.py", "executorch_export.py", "checkpoint.py")],
+}
 
 
 def _fingerprint(path: Path | None) -> list:
@@ -44,12 +48,34 @@ def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) 
             "target": [str(Path(checkpoint).resolve()), _fingerprint(checkpoint)],
             "assistant": [str(Path(assistant).resolve()) if assistant else None, _fingerprint(assistant)],
             "settings": settings,
-            "exporter": [hashlib.sha256(p.read_bytes()).hexdigest() for p in EXPORTER_SOURCES],
+            "exporter": [hashlib.sha256(p.read_bytes()).hexdigest() for p in EXPORTER_SOURCES[kind]],
             "versions": [torch.__version__, transformers.__version__, onnx.__version__],
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: int, max_draft: int, marker: str, write):
+    key = export_key(kind, checkpoint, assistant, max_context=max_context, max_draft=max_draft)
+    final = CACHE_ROOT / f"{kind}-{key}"
+    if (final / marker).is_file():
+        return final
+    from export.checkpoint import load_pair
+    from export.onnx_export import copy_tokenizer
+
+    print(f"[export] {kind} artifacts for {checkpoint} -> {final} (cached for later runs)", flush=True)
+    target, drafter = load_pair(checkpoint, assistant)
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=CACHE_ROOT))
+    try:
+        write(target, drafter, tmp, max_context, max_draft)
+        copy_tokenizer(checkpoint, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def cached_onnx_export(
@@ -58,22 +84,18 @@ def cached_onnx_export(
     max_context: int = DEFAULT_MAX_CONTEXT,
     max_draft: int = DEFAULT_MAX_DRAFT,
 ) -> Path:
-    from export.checkpoint import load_pair
-    from export.onnx_export import copy_tokenizer, export_onnx
+    from export.onnx_export import export_onnx
 
-    key = export_key("onnx", checkpoint, assistant, max_context=max_context, max_draft=max_draft)
-    final = CACHE_ROOT / f"onnx-{key}"
-    if (final / "layout.json").is_file():
-        return final
-    print(f"[export] ONNX graphs for {checkpoint} -> {final} (cached for later runs)", flush=True)
-    target, drafter = load_pair(checkpoint, assistant)
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".onnx-{key}-", dir=CACHE_ROOT))
-    try:
-        export_onnx(target, drafter, tmp, max_context, max_draft)
-        copy_tokenizer(checkpoint, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return _cached("onnx", checkpoint, assistant, max_context, max_draft, "layout.json", export_onnx)
+
+
+def cached_executorch_export(
+    checkpoint: Path,
+    assistant: Path | None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    max_draft: int = DEFAULT_MAX_DRAFT,
+) -> Path:
+    """pair.pte + layout.json (+ tokenizer.json); lowering takes minutes, hence the cache."""
+    from export.executorch_export import write_executorch
+
+    return _cached("executorch", checkpoint, assistant, max_context, max_draft, "pair.pte", write_executorch)

@@ -31,8 +31,8 @@ class EtPair(torch.nn.Module):
         super().__init__()
         self.layout = layout
         self.embed = EmbedStep(target)
-        self.step = TargetStep(target, layout, elementary_gelu=True)
-        self.draft = DrafterStep(drafter, layout, elementary_gelu=True) if drafter is not None else None
+        self.step = TargetStep(target, layout, xnnpack=True)
+        self.draft = DrafterStep(drafter, layout, xnnpack=True) if drafter is not None else None
         for i in layout.owners:
             self.register_buffer(f"k_cache_{i}", torch.zeros(layout.shape(i)), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(layout.shape(i)), persistent=False)
@@ -87,18 +87,56 @@ class _DraftStep(_Forward):
         return self.pair.run_draft(token, state, input_pos)
 
 
-def delegated_share(edge_program) -> tuple[int, int]:
-    """(delegated call nodes, other compute nodes) in a lowered edge program."""
-    delegated = other = 0
+class _ResetCaches(_Forward):
+    """Zero-fill every cache (the runtime backend calls it before a new sequence)."""
+
+    def forward(self):
+        caches = self.pair.caches()
+        for buf in caches:
+            buf.zero_()
+        return torch.tensor([len(caches)])
+
+
+class _SharedKV(_Forward):
+    """Copies of the producer caches the drafter reads (parity checks)."""
+
+    def forward(self):
+        producers = self.pair.layout.attention.kv_producers()
+        out = []
+        for i in (producers[FULL], producers[SLIDING]):
+            out += [getattr(self.pair, f"k_cache_{i}").clone(), getattr(self.pair, f"v_cache_{i}").clone()]
+        return tuple(out)
+
+
+MATMUL_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.linear", "aten.matmul", "aten.convolution")
+
+
+def delegated_share(edge_program) -> dict:
+    """Operators of a lowered method inside XNNPACK delegates vs left to portable kernels,
+    and the matmul-like operators (linears, attention products) left outside, by name."""
+    gm = edge_program.graph_module
+    inside = outside = 0
+    matmuls_outside = []
     for node in edge_program.graph.nodes:
         if node.op != "call_function":
             continue
         name = str(node.target)
         if "executorch_call_delegate" in name:
-            delegated += 1
-        elif "getitem" not in name and "copy_" not in name:
-            other += 1
-    return delegated, other
+            lowered = getattr(gm, node.args[0].target)
+            inside += sum(n.op == "call_function" for n in lowered.original_module.graph.nodes)
+        elif "getitem" in name:
+            continue
+        else:
+            outside += 1
+            if any(op in name for op in MATMUL_OPS):
+                matmuls_outside.append(name)
+    total = max(inside + outside, 1)
+    return {
+        "ops_in_xnnpack": inside,
+        "ops_outside": outside,
+        "delegated_share": round(inside / total, 4),
+        "matmuls_outside": matmuls_outside,
+    }
 
 
 def export_executorch(target, drafter, path: Path, max_context: int, max_draft: int) -> dict:
@@ -122,6 +160,8 @@ def export_executorch(target, drafter, path: Path, max_context: int, max_draft: 
             state = torch.zeros(1, 1, spec.hidden_size)
             programs["draft_step"] = torch.export.export(_DraftStep(pair), (ids[:, :1], state, pos))
             print("[executorch] exported draft_step", flush=True)
+        programs["reset_caches"] = torch.export.export(_ResetCaches(pair), ())
+        programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
     eos = target.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     metadata = {
@@ -146,11 +186,32 @@ def export_executorch(target, drafter, path: Path, max_context: int, max_draft: 
     print(f"[executorch] lowered to XNNPACK ({time.time() - t0:.1f}s)", flush=True)
     shares = {}
     for name in programs:
-        d, o = delegated_share(edge.exported_program(name))
-        shares[name] = {"delegate_calls": d, "non_delegated_ops": o}
-        print(f"      {name}: {d} XNNPACK delegate calls, {o} ops left to portable kernels", flush=True)
+        share = shares[name] = delegated_share(edge.exported_program(name))
+        print(
+            f"      {name}: {100 * share['delegated_share']:.1f}% of ops in XNNPACK "
+            f"({share['ops_in_xnnpack']} in, {share['ops_outside']} on portable kernels; "
+            f"matmuls outside: {len(share['matmuls_outside'])})",
+            flush=True,
+        )
     prog = edge.to_executorch(
         ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
     )
     Path(path).write_bytes(prog.buffer)
     return {"methods": sorted(programs), "metadata": metadata, "delegation": shares}
+
+
+def write_executorch(target, drafter, out_dir: Path, max_context: int, max_draft: int) -> dict:
+    """pair.pte, layout.json (the cache layout, as for ONNX) and executorch_report.json
+    (methods, metadata, delegated share per method) into out_dir."""
+    import json
+
+    from export.onnx_export import LAYOUT_FILE, layout_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = export_executorch(target, drafter, out_dir / "pair.pte", max_context, max_draft)
+    spec = TargetSpec.from_hf(target.config)
+    layout = CacheLayout(spec.attention, max_context, max_draft)
+    (out_dir / LAYOUT_FILE).write_text(json.dumps(layout_dict(target, drafter, layout), indent=1) + "\n")
+    (out_dir / "executorch_report.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

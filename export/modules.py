@@ -89,27 +89,82 @@ class CacheLayout:
         return (start - 1) - torch.remainder(start - 1 - slot + s, s)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [1, heads, N, d]; cos/sin: [N, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: [1, N, heads, d]; cos/sin: [N, 1, d]; rot from `_rotate_matrix(d)`."""
+    d = x.shape[-1]
+    rotated = torch.mm(x.reshape(-1, d), rot).reshape(_dyn(x.shape))
     return x * cos + rotated * sin
 
 
+def _dyn(shape) -> list[int]:
+    """`shape` with its symbolic (exported dynamic) dim as -1: XNNPACK delegates reshapes
+    only with static sizes and at most one inferred dim, so reshapes are written this way."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[1, N, heads * d] -> [1, N, heads, d] with the token count as the inferred dim."""
+    return x.reshape(1, -1, x.shape[-1] // head_dim, head_dim)
+
+
+def _rotate_matrix(d: int) -> torch.Tensor:
+    """R with x @ R == cat(-x[d/2:], x[:d/2]): rotate-half as one matmul instead of a
+    slice/negate/concat chain (fewer graph nodes for a single-token step)."""
+    half = d // 2
+    r = torch.zeros(d, d)
+    r[half:, :half] = -torch.eye(half)
+    r[:half, half:] = torch.eye(half)
+    return r
+
+
 def _cos_sin(rotary, layer_type: str, positions: torch.Tensor):
-    """positions: [N] -> cos, sin [N, head_dim], as transformers' Gemma4TextRotaryEmbedding."""
+    """positions: [N] -> cos, sin [N, 1, head_dim] (as transformers' Gemma4TextRotaryEmbedding)."""
     inv_freq = getattr(rotary, f"{layer_type}_inv_freq")
     scale = getattr(rotary, f"{layer_type}_attention_scaling")
     freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, d]: broadcasts over heads
     return emb.cos() * scale, emb.sin() * scale
 
 
-def _rms(norm, x):
-    """Gemma4RMSNorm written as x / sqrt(mean(x^2) + eps) * w: the pattern onnxruntime fuses
-    into one SimplifiedLayerNormalization (transformers writes pow(., -0.5))."""
-    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return y * norm.weight if norm.with_scale else y
+class Ops:
+    """The few places where the best graph differs between backends.
+
+    onnxruntime (`xnnpack=False`): RMSNorm as x / sqrt(mean(x^2) + eps) * w, the pattern it
+    fuses into one SimplifiedLayerNormalization; GELU as the opset-20 tanh Gelu.
+    ExecuTorch/XNNPACK (`xnnpack=True`): the mean of squares over rows viewed as a 4-D
+    [1, rows, 1, d] (XNNPACK 1.5.1 takes `mean` only over the two inner dims of a 4-D tensor,
+    so any other norm would split the delegate); tanh-GELU spelled out in elementary ops (its GELU is the
+    erf form, ~1e-2 off on the logits)."""
+
+    def __init__(self, xnnpack: bool = False):
+        self.xnnpack = xnnpack
+
+    def rms(self, norm, x):
+        if self.xnnpack:  # rows as a 4-D [1, rows, 1, d]: the one mean XNNPACK takes
+            shape, d = x.shape, x.shape[-1]
+            x4 = x.reshape(1, -1, 1, d)
+            y = (x4 / torch.sqrt(x4.mul(x4).mean(dim=(2, 3), keepdim=True) + norm.eps)).reshape(_dyn(shape))
+        else:
+            y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return y * norm.weight if norm.with_scale else y
+
+    def gelu(self, x):
+        return gelu_tanh(x, elementary=self.xnnpack)
+
+    def mlp(self, mlp, x):
+        return mlp.down_proj(self.gelu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    def layer_tail(self, layer, residual, attn_out, per_layer_input):
+        """Everything in a Gemma 4 decoder layer after the attention core."""
+        h = residual + self.rms(layer.post_attention_layernorm, layer.self_attn.o_proj(attn_out))
+        residual = h
+        h = self.rms(layer.pre_feedforward_layernorm, h)
+        h = residual + self.rms(layer.post_feedforward_layernorm, self.mlp(layer.mlp, h))
+        if per_layer_input is not None:
+            residual = h
+            g = self.gelu(layer.per_layer_input_gate(h)) * per_layer_input
+            h = residual + self.rms(layer.post_per_layer_input_norm, layer.per_layer_projection(g))
+        return h * layer.layer_scalar
 
 
 def gelu_tanh(x, elementary: bool):
@@ -120,33 +175,44 @@ def gelu_tanh(x, elementary: bool):
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
 
 
-def _mlp(mlp, x, elementary_gelu: bool):
-    return mlp.down_proj(gelu_tanh(mlp.gate_proj(x), elementary_gelu) * mlp.up_proj(x))
+def mask_bias(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [N, T] -> additive float bias (0 or NEG), built once per call and cache type:
+    an add broadcasts inside the delegate where a masked_fill per layer would not."""
+    return torch.where(allowed, 0.0, NEG)
 
 
-def _attend(q, k, v, allowed):
-    """q: [1, H, N, d]; k/v: [1, kvh, T, d]; allowed: [N, T] bool. Grouped heads broadcast
-    over the shared K/V (no copies); scaling 1.0 (Gemma 4 normalises q and k instead)."""
+def _grouped(k, v):
+    """K/V [1, kvh, T, d] -> K^T [kvh, d, T] and V [kvh, T, d]: the form `_attend` takes,
+    built once per cache and reused by every layer that reads it (the KV-shared layers)."""
+    k = k.reshape(k.shape[1:])
+    return k.transpose(1, 2), v.reshape(v.shape[1:])
+
+
+def _attend(q, kt, v, bias):
+    """q: [1, H, N, d]; kt/v from `_grouped`; bias: [group*N, T] from `mask_bias` repeated per
+    query head of a KV group. The query heads of a group become rows of one 3-D matmul (no
+    broadcast copies of K/V); scaling 1.0 (Gemma 4 normalises q and k instead)."""
     heads, n, d = q.shape[1], q.shape[2], q.shape[3]
-    kvh = k.shape[1]
-    q = q.reshape(1, kvh, heads // kvh, n, d)
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(3, 4))  # [1, kvh, group, N, T]
-    scores = scores.masked_fill(~allowed, NEG)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))  # [1, kvh, group, N, d]
-    return out.reshape(1, heads, n, d).transpose(1, 2).reshape(1, n, heads * d)
+    kvh = kt.shape[0]
+    scores = torch.bmm(q.reshape(kvh, -1, d), kt) + bias  # [kvh, group*N, T]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kvh, group*N, d]
+    return out.reshape(1, heads, -1, d).transpose(1, 2).reshape(1, -1, heads * d)
 
 
-def _layer_tail(layer, residual, attn_out, per_layer_input, elementary_gelu: bool):
-    """Everything in a Gemma 4 decoder layer after the attention core."""
-    h = residual + _rms(layer.post_attention_layernorm, layer.self_attn.o_proj(attn_out))
-    residual = h
-    h = _rms(layer.pre_feedforward_layernorm, h)
-    h = residual + _rms(layer.post_feedforward_layernorm, _mlp(layer.mlp, h, elementary_gelu))
-    if per_layer_input is not None:
-        residual = h
-        g = gelu_tanh(layer.per_layer_input_gate(h), elementary_gelu) * per_layer_input
-        h = residual + _rms(layer.post_per_layer_input_norm, layer.per_layer_projection(g))
-    return h * layer.layer_scalar
+class _Biases:
+    """Per (cache type, group size): the [N, T] mask bias repeated for the query heads of a
+    KV group, built on first use in a call and shared by every layer of that shape."""
+
+    def __init__(self, biases: dict):
+        self.biases, self.done = biases, {}
+
+    def get(self, layer_type: str, q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+        group = q.shape[1] // kt.shape[0]
+        key = (layer_type, group)
+        if key not in self.done:
+            b = self.biases[layer_type]
+            self.done[key] = b if group == 1 else b.repeat(group, 1)
+        return self.done[key]
 
 
 class EmbedStep(nn.Module):
@@ -162,22 +228,24 @@ class EmbedStep(nn.Module):
     def forward(self, input_ids):
         embeds = self.embed_tokens(input_ids)
         ple = self.embed_tokens_per_layer(input_ids)
-        return embeds, ple.reshape(input_ids.shape[0], input_ids.shape[1], *self.ple_shape)
+        return embeds, ple.reshape(1, -1, *self.ple_shape)
 
 
 class TargetStep(nn.Module):
     """Functional target step: caches in, updated caches out (ONNX form). Caches are given
     as key, value per owner layer in `layout.owners` order."""
 
-    def __init__(self, target, layout: CacheLayout, elementary_gelu: bool = False):
+    def __init__(self, target, layout: CacheLayout, xnnpack: bool = False):
         super().__init__()
-        self.elementary_gelu = elementary_gelu
+        self.ops = Ops(xnnpack)
         self.model = target.model
         self.lm_head = target.lm_head
         self.layout = layout
         self.softcap = target.config.final_logit_softcapping
         self.window = layout.attention.sliding_window
         self.producers = layout.attention.kv_producers()
+        for lt in (SLIDING, FULL):
+            self.register_buffer(f"rot_{lt}", _rotate_matrix(layout.attention.head_dim_of(lt)), persistent=False)
 
     def forward(self, inputs_embeds, per_layer_inputs, position_ids, *caches):
         a = self.layout.attention
@@ -188,7 +256,7 @@ class TargetStep(nn.Module):
 
         # PLE, context path: projection of the embeddings, normalised, joined to the token path.
         proj = m.per_layer_model_projection(inputs_embeds) * m.per_layer_model_projection_scale
-        proj = _rms(m.per_layer_projection_norm, proj.reshape(per_layer_inputs.shape))
+        proj = self.ops.rms(m.per_layer_projection_norm, proj.reshape(_dyn(per_layer_inputs.shape)))
         ple = (proj + per_layer_inputs) * m.per_layer_input_scale
 
         rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in (SLIDING, FULL)}
@@ -199,7 +267,7 @@ class TargetStep(nn.Module):
         ring_ok = (ring_pos >= 0)[None, :] & (q_pos - ring_pos[None, :] < self.window)
         new_ok = (positions[None, :] <= q_pos) & (q_pos - positions[None, :] < self.window)
         sliding_allowed = torch.cat([ring_ok.expand(n, -1), new_ok], dim=1)
-        allowed = {FULL: full_allowed, SLIDING: sliding_allowed}
+        bias = _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)})
 
         # Ring update after attending: each slot takes the newest new entry with its residue,
         # if any (shape-static in the slot count, no branch on N, no duplicate writes).
@@ -219,30 +287,34 @@ class TargetStep(nn.Module):
             lt = a.layer_types[i]
             attn = layer.self_attn
             cos, sin = rope[lt]
-            x = _rms(layer.input_layernorm, h)
-            q = _rms(attn.q_norm, attn.q_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
-            q = _rope(q, cos, sin)
+            rot = getattr(self, f"rot_{lt}")
+            x = self.ops.rms(layer.input_layernorm, h)
+            # RoPE on [1, N, heads, d] (cos/sin [N, 1, d]), then heads first
+            q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot).transpose(1, 2)
             if i < a.first_shared_layer:
-                k = _rms(attn.k_norm, attn.k_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
-                k = _rope(k, cos, sin)
-                v = _rms(attn.v_norm, attn.v_proj(x).view(1, n, -1, attn.head_dim)).transpose(1, 2)
+                k = _rope(self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim)), cos, sin, rot).transpose(1, 2)
+                v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), attn.head_dim)).transpose(1, 2)
                 past_k, past_v = caches[2 * i], caches[2 * i + 1]
                 if lt == FULL:
-                    k_all = past_k.index_copy(2, positions, k)
-                    v_all = past_v.index_copy(2, positions, v)
+                    # scatter along the slot axis (ScatterElements; index_copy exports as
+                    # transpose + ScatterND + transpose, copying the cache three times)
+                    idx = positions[None, None, :, None].expand(k.shape)
+                    k_all = past_k.scatter(2, idx, k)
+                    v_all = past_v.scatter(2, idx, v)
                     present += [k_all, v_all]
                 else:
                     k_all = torch.cat([past_k, k], dim=2)
                     v_all = torch.cat([past_v, v], dim=2)
                     present += [ring_write(past_k, k), ring_write(past_v, v)]
+                kv = _grouped(k_all, v_all)
                 if self.producers.get(lt) == i:
-                    shared_kv[lt] = (k_all, v_all)
+                    shared_kv[lt] = kv
             else:
-                k_all, v_all = shared_kv[lt]
-            out = _attend(q, k_all, v_all, allowed[lt])
-            h = _layer_tail(layer, h, out, ple[:, :, i, :], self.elementary_gelu)
+                kv = shared_kv[lt]
+            out = _attend(q, *kv, bias.get(lt, q, kv[0]))
+            h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
 
-        hidden = _rms(m.norm, h)
+        hidden = self.ops.rms(m.norm, h)
         logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -253,20 +325,25 @@ class DrafterStep(nn.Module):
     """One MTP drafter step. inputs_embeds = concat(target_embed(token), state): [1, 1, 2B];
     position_ids [1, 1] = p; shared caches of the target's last full and last sliding owner."""
 
-    def __init__(self, drafter, layout: CacheLayout, elementary_gelu: bool = False):
+    def __init__(self, drafter, layout: CacheLayout, xnnpack: bool = False):
         super().__init__()
-        self.elementary_gelu = elementary_gelu
+        self.ops = Ops(xnnpack)
         self.drafter = drafter
         self.layout = layout
         tc = drafter.config.get_text_config()
         self.layer_types = list(tc.layer_types)
         self.window = tc.sliding_window
+        for lt in set(self.layer_types):
+            dim = next(l.self_attn.head_dim for l, t in zip(drafter.model.layers, self.layer_types) if t == lt)
+            self.register_buffer(f"rot_{lt}", _rotate_matrix(dim), persistent=False)
         me = drafter.masked_embedding
         if me is not None:
             self.register_buffer(
                 "clusters", me.token_ordering.long().view(me.num_centroids, me.vocab_size_per_centroid), persistent=False
             )
             self.top_k = me.centroid_intermediate_top_k
+            # the head's rows as a table (gathered per step): quantizable like an embedding
+            self.candidate_rows = nn.Embedding.from_pretrained(drafter.lm_head.weight.detach(), freeze=True)
 
     def forward(self, inputs_embeds, position_ids, full_k, full_v, sliding_k, sliding_v):
         d = self.drafter
@@ -279,19 +356,21 @@ class DrafterStep(nn.Module):
         full_allowed = (torch.arange(self.layout.max_context) < start)[None, :]
         ring_pos = self.layout.ring_positions(start)
         sliding_allowed = ((ring_pos >= 0) & (ring_pos >= start - 1 - self.window))[None, :]
-        allowed = {FULL: full_allowed, SLIDING: sliding_allowed}
-        rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in set(self.layer_types)}
+        bias = _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)})
+        types = set(self.layer_types)
+        rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in types}
+        grouped = {t: _grouped(*kv[t]) for t in types}  # once per cache, for all layers
 
         h = d.pre_projection(inputs_embeds)
         for i, layer in enumerate(m.layers):
             lt = self.layer_types[i]
             attn = layer.self_attn
-            x = _rms(layer.input_layernorm, h)
-            q = _rms(attn.q_norm, attn.q_proj(x).view(1, 1, -1, attn.head_dim)).transpose(1, 2)
-            q = _rope(q, *rope[lt])
-            out = _attend(q, kv[lt][0], kv[lt][1], allowed[lt])
-            h = _layer_tail(layer, h, out, None, self.elementary_gelu)
-        h = _rms(m.norm, h)
+            x = self.ops.rms(layer.input_layernorm, h)
+            q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim))
+            q = _rope(q, *rope[lt], getattr(self, f"rot_{lt}")).transpose(1, 2)
+            out = _attend(q, *grouped[lt], bias.get(lt, q, grouped[lt][0]))
+            h = self.ops.layer_tail(layer, h, out, None)
+        h = self.ops.rms(m.norm, h)
         state = d.post_projection(h)
         if d.masked_embedding is None:
             return d.lm_head(h), state
@@ -303,8 +382,8 @@ class DrafterStep(nn.Module):
         me = self.drafter.masked_embedding
         _, top = torch.topk(me.centroids(h), k=self.top_k, dim=-1)  # [1, 1, top_k]
         candidates = self.clusters[top[0, 0]].reshape(-1)  # [top_k * per_centroid]
-        weights = self.drafter.lm_head.weight[candidates]  # [C, D]
-        scores = torch.matmul(h[0], weights.T)  # [1, C]
+        weights = self.candidate_rows(candidates)  # [C, D]
+        scores = torch.bmm(h[0][None], weights.T[None])[0]  # [1, C] (bmm: delegable with gathered weights)
         full = torch.full((1, me.vocab_size), NEG, dtype=h.dtype)
         full = full.index_copy(1, candidates, scores)
         return full[None]

@@ -7,9 +7,9 @@ Steps:
    (transformers), median of repeated calls;
 3. generation on the held-out prompts, `--new-tokens` each (EOS ignored), greedy and
    speculative for each draft length, runs interleaved and repeated:
-   decode tokens/s = (new tokens - 1) / (time after the prefill pass), medians reported;
-   speedup = median over (prompt, repeat) of speculative / greedy of the same pair of runs,
-   which cancels the drift of a shared machine;
+   decode tokens/s over the prompt set = total (new tokens - 1) / total time after the
+   prefill passes; speedup = median over repeats of speculative / greedy tokens/s of the
+   same repeat, which cancels the drift of a shared machine;
 4. predicted speedup from the measured acceptance and the step costs of the same runs:
    mean_accepted_length * decode_ms / (verify_ms(k+1) + k * draft_ms);
 5. a table on stdout; under `--out`: bench.json keyed by backend and speedup.png.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.loop import greedy_generate, speculative_generate
+from runtime.loop import StepTimer, greedy_generate, speculative_generate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
@@ -43,7 +43,7 @@ def median_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def onnx_step_costs(backend, context: list[int], max_draft: int) -> dict[str, float]:
+def step_costs(backend, context: list[int], max_draft: int) -> dict[str, float]:
     """Latency of each kind of step at position len(context) (rollback keeps caches valid)."""
     backend.reset()
     _, hidden = backend.target(context, 0)
@@ -80,36 +80,46 @@ def torch_step_costs(target, drafter, context: list[int], max_draft: int) -> dic
     return costs
 
 
-def decode_rate(stats, timer) -> float:
-    """Tokens per second after the prefill pass."""
+def decode_time(stats, timer) -> tuple[int, float]:
+    """(tokens, seconds) of the decode phase: everything after the prefill pass."""
     prefill = timer.totals.get("prefill", 0.0)
-    return (stats.new_tokens - 1) / max(stats.seconds - prefill, 1e-9)
+    return stats.new_tokens - 1, max(stats.seconds - prefill, 1e-9)
 
 
 def bench_loops(backend, prompts, new_tokens, draft_lengths, repeats):
-    """Greedy and speculative runs interleaved; medians of decode tokens/s per setting."""
-    rates = {0: []}
-    rates.update({k: [] for k in draft_lengths})
+    """Greedy and speculative runs interleaved prompt by prompt. Per repeat, tokens/s over
+    the whole prompt set (total decode tokens / total decode time) for each setting, and the
+    speculative / greedy ratio of that repeat (its runs are seconds apart, so machine drift
+    cancels); medians over repeats are reported."""
+    rates = {k: [] for k in [0, *draft_lengths]}
     ratios = {k: [] for k in draft_lengths}
     accept = {k: [] for k in draft_lengths}
-    step_ms = {k: {} for k in [0, *draft_lengths]}
+    timers = {k: StepTimer() for k in [0, *draft_lengths]}  # step costs over all runs
     for _ in range(repeats):
+        tokens = {k: 0 for k in rates}
+        seconds = {k: 0.0 for k in rates}
         for ids in prompts:
-            _, stats, timer = greedy_generate(backend, ids, new_tokens)
-            greedy = decode_rate(stats, timer)
-            rates[0].append(greedy)
-            step_ms[0] = timer.mean_ms()
-            for k in draft_lengths:
-                _, stats, timer = speculative_generate(backend, ids, new_tokens, k)
-                rates[k].append(decode_rate(stats, timer))
-                ratios[k].append(rates[k][-1] / greedy)
-                accept[k].append(stats.mean_accepted_length)
-                step_ms[k] = timer.mean_ms()
+            for k in [0, *draft_lengths]:
+                if k:
+                    _, stats, timer = speculative_generate(backend, ids, new_tokens, k)
+                    accept[k].append(stats.mean_accepted_length)
+                else:
+                    _, stats, timer = greedy_generate(backend, ids, new_tokens)
+                n, t = decode_time(stats, timer)
+                tokens[k] += n
+                seconds[k] += t
+                for kind, total in timer.totals.items():
+                    timers[k].totals[kind] = timers[k].totals.get(kind, 0.0) + total
+                    timers[k].counts[kind] = timers[k].counts.get(kind, 0) + timer.counts[kind]
+        for k in rates:
+            rates[k].append(tokens[k] / seconds[k])
+        for k in draft_lengths:
+            ratios[k].append(rates[k][-1] / rates[0][-1])
     return (
         {k: statistics.median(v) for k, v in rates.items()},
         {k: statistics.median(v) for k, v in ratios.items()},
         {k: statistics.mean(v) for k, v in accept.items()},
-        step_ms,
+        {k: t.mean_ms() for k, t in timers.items()},
     )
 
 
@@ -147,22 +157,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
     add_pair_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-draft", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="PyTorch eager threads (default: all cores)")
+    ap.add_argument(
+        "--backend", choices=("onnx", "executorch", "all"), default="all", help="exported backends to measure"
+    )
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     args = ap.parse_args(argv)
 
-    from export.cache import cached_onnx_export
     from export.checkpoint import load_pair
-    from runtime.onnx_backend import OnnxBackend
+    from runtime.parity import open_backends
     from runtime.reference import ReferencePair
 
     try:
         target, drafter = load_pair(args.checkpoint, args.assistant)
-        artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
-        backend = OnnxBackend(artifacts, threads=args.threads)
         tok = load_tokenizer(args.checkpoint)
+        if drafter is None:
+            raise ValueError("the benchmark needs a drafter (ASSISTANT)")
+        backends = {name: b for name, (_, b) in open_backends(args).items()}
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -170,13 +183,15 @@ def main(argv=None) -> int:
     ks = list(range(1, args.max_draft + 1))
 
     print(f"bench: {args.checkpoint.name} + {args.assistant.name}, {len(prompts)} prompts x {args.new_tokens} tokens")
-    costs = {"onnx": onnx_step_costs(backend, prompts[0], args.max_draft)}
+    costs = {name: step_costs(b, prompts[0], args.max_draft) for name, b in backends.items()}
     torch.set_num_threads(args.threads or torch.get_num_threads())
     costs["torch"] = torch_step_costs(target, drafter, prompts[0], args.max_draft)
 
     results = {}
-    rates, ratios, accept, step_ms = bench_loops(backend, prompts, args.new_tokens, ks, args.repeats)
-    results["onnx"] = _entries(rates, ratios, accept, step_ms, costs["onnx"], ks)
+    for name, backend in backends.items():
+        print(f"  generation runs: {name}", flush=True)
+        rates, ratios, accept, step_ms = bench_loops(backend, prompts, args.new_tokens, ks, args.repeats)
+        results[name] = _entries(rates, ratios, accept, step_ms, costs[name], ks)
 
     # transformers reference: its own greedy and assisted generate, one run each per prompt
     pair = ReferencePair(target, drafter)

@@ -88,7 +88,7 @@ def _torch_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | N
     from runtime.reference import ReferencePair
 
     if artifacts is not None:
-        raise UsageError("ARTIFACTS applies to exported backends (onnx); the torch reference reads CHECKPOINT")
+        raise UsageError("ARTIFACTS applies to exported backends (onnx, executorch); the torch reference reads CHECKPOINT")
     return ReferencePair.from_dirs(checkpoint, assistant)
 
 
@@ -102,7 +102,17 @@ def _onnx_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | No
     return LoopRunner(OnnxBackend(artifacts))
 
 
-BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "onnx": _onnx_backend}
+def _executorch_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | None):
+    from runtime.executorch_backend import ExecuTorchBackend
+
+    if artifacts is None:
+        from export.cache import cached_executorch_export
+
+        artifacts = cached_executorch_export(checkpoint, assistant)
+    return LoopRunner(ExecuTorchBackend(artifacts))
+
+
+BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "onnx": _onnx_backend, "executorch": _executorch_backend}
 
 
 def make_backend(name: str, checkpoint: Path, assistant: Path | None, artifacts: Path | None = None):
@@ -155,7 +165,7 @@ def add_pair_arguments(ap: argparse.ArgumentParser) -> None:
     """--checkpoint, --assistant, --artifacts: shared by generate, parity and bench."""
     ap.add_argument("--checkpoint", type=Path, default=DEMO_TARGET, help="target checkpoint dir (default: demo)")
     ap.add_argument("--assistant", type=Path, default=DEMO_ASSISTANT, help="drafter checkpoint dir (default: demo)")
-    ap.add_argument("--artifacts", type=Path, help="an earlier ONNX export dir (default: export, cached, from the checkpoints)")
+    ap.add_argument("--artifacts", type=Path, help="an earlier export dir (default: export, cached, from the checkpoints)")
 
 
 def main(argv: list[str] | None = None) -> int:

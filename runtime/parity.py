@@ -39,6 +39,8 @@ PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
 # Softmax vs transformers' SDPA): measured max relative error 8e-7 on the demo pair and
 # 6e-5 on a random-weight pair of the same shape (larger activations), over ~690 positions.
 # 1e-4 is the usual fp32 bound; a wrong mask or cache slot shows up as 1e-1 and above.
+# The same bound holds for ExecuTorch/XNNPACK fp32 because its graph spells tanh-GELU out
+# in elementary ops (XNNPACK 1.5.1's own GELU is the erf form, ~1e-2 off on the logits).
 RTOL = 1e-4
 # Drafts are compared as tokens. The drafter's input state carries the target's ~1e-4
 # relative difference and passes through up to 4 unrolled steps; a different argmax is
@@ -156,6 +158,21 @@ class Reference:
         return out, logits
 
 
+def producer_caches(backend, layout) -> dict[str, np.ndarray] | None:
+    """The caches of the last full and last sliding owner, as the backend holds them."""
+    if hasattr(backend, "shared_kv"):  # ExecuTorch: buffers inside the program
+        return backend.shared_kv()
+    caches = getattr(backend, "caches", None)
+    if caches is None:
+        return None
+    prod = layout["kv_producers"]
+    return {
+        f"{t}.{kind}": caches[f"past_key_values.{prod[t + '_attention']}.{kind}"]
+        for t in ("full", "sliding")
+        for kind in ("key", "value")
+    }
+
+
 def check_prompt(report, ref, backend, layout, prompt_ids, new_tokens, label):
     from runtime.reference import ReferencePair
 
@@ -175,19 +192,22 @@ def check_prompt(report, ref, backend, layout, prompt_ids, new_tokens, label):
     report.add(f"{label}: logits, {len(logits)} positions", e_logits <= RTOL, f"rel err {e_logits:.2e}", e_logits)
     report.add(f"{label}: final hidden states", e_hidden <= RTOL, f"rel err {e_hidden:.2e}", e_hidden)
     n = len(seq) - 1
-    caches = getattr(backend, "caches", None)
+    caches = producer_caches(backend, layout)
     if caches is not None:
-        prod = layout["kv_producers"]
         slots = layout["ring_slots"]
-        full_i, slide_i = prod["full_attention"], prod["sliding_attention"]
-        for kind, idx, name in (("key", 0, "key"), ("value", 1, "value")):
-            full = caches[f"past_key_values.{full_i}.{name}"][:, :, :n]
+        prod = layout["kv_producers"]
+        for idx, kind in enumerate(("key", "value")):
+            full = caches[f"full.{kind}"][:, :, :n]
             e = rel_err(full, shared["full_attention"][idx].numpy())
-            report.add(f"{label}: full cache {full_i} {kind} (slots 0..{n - 1})", e <= RTOL, f"rel err {e:.2e}", e)
+            report.add(
+                f"{label}: full cache {prod['full_attention']} {kind} (slots 0..{n - 1})", e <= RTOL, f"rel err {e:.2e}", e
+            )
             positions = np.arange(n - slots, n)
-            ring = caches[f"past_key_values.{slide_i}.{name}"][:, :, positions % slots]
+            ring = caches[f"sliding.{kind}"][:, :, positions % slots]
             e = rel_err(ring, shared["sliding_attention"][idx].numpy()[:, :, positions])
-            report.add(f"{label}: ring cache {slide_i} {kind} ({slots} slots)", e <= RTOL, f"rel err {e:.2e}", e)
+            report.add(
+                f"{label}: ring cache {prod['sliding_attention']} {kind} ({slots} slots)", e <= RTOL, f"rel err {e:.2e}", e
+            )
     report.add(f"{label}: greedy tokens", ours == greedy, f"{_first_diff(ours, greedy)}")
 
     # tokens and drafts, speculative
@@ -242,36 +262,59 @@ def _first_diff(a, b) -> str:
     return f"first difference at new token {i}"
 
 
+def open_backends(args) -> dict:
+    """name -> (artifacts dir, backend): cached exports of the checkpoints, or --artifacts."""
+    from export.cache import cached_executorch_export, cached_onnx_export
+    from runtime.executorch_backend import PROGRAM_FILE, ExecuTorchBackend
+    from runtime.onnx_backend import OnnxBackend
+
+    if args.artifacts is not None:
+        if (args.artifacts / PROGRAM_FILE).is_file():
+            return {"executorch": (args.artifacts, ExecuTorchBackend(args.artifacts))}
+        return {"onnx": (args.artifacts, OnnxBackend(args.artifacts))}
+    out = {}
+    if args.backend in ("onnx", "all"):
+        d = cached_onnx_export(args.checkpoint, args.assistant)
+        out["onnx"] = (d, OnnxBackend(d))
+    if args.backend in ("executorch", "all"):
+        d = cached_executorch_export(args.checkpoint, args.assistant)
+        out["executorch"] = (d, ExecuTorchBackend(d))
+    return out
+
+
 def main(argv=None) -> int:
     from runtime.generate import add_pair_arguments, load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m runtime.parity", description=__doc__.split("\n")[0])
     add_pair_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument(
+        "--backend",
+        choices=("onnx", "executorch", "all"),
+        default="all",
+        help="exported backends to check (default: all; with --artifacts, the one that directory holds)",
+    )
     ap.add_argument("--out", type=Path, default=Path("artifacts/parity/parity.json"))
     args = ap.parse_args(argv)
 
-    from export.cache import cached_onnx_export
     from export.checkpoint import load_pair
-    from runtime.onnx_backend import OnnxBackend
 
     try:
         target, drafter = load_pair(args.checkpoint, args.assistant)
-        artifacts = args.artifacts or cached_onnx_export(args.checkpoint, args.assistant)
-        backend = OnnxBackend(artifacts)
         tok = load_tokenizer(args.checkpoint)
+        if drafter is None:
+            raise ValueError("parity needs a drafter (ASSISTANT)")
+        backends = open_backends(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if drafter is None:
-        print("error: parity needs a drafter (ASSISTANT)", file=sys.stderr)
-        return 2
     ref = Reference(target, drafter)
     report = Report()
-    print(f"parity: {artifacts} vs transformers, tolerance rel {RTOL:g}")
-    for path in PROMPTS:
-        ids = tok.encode(path.read_text()).ids
-        check_prompt(report, ref, backend, backend.layout, ids, args.new_tokens, f"onnx/{path.stem}")
+    prompts = [(path.stem, tok.encode(path.read_text()).ids) for path in PROMPTS]
+    for name, (artifacts, backend) in backends.items():
+        print(f"parity: {name} {artifacts} vs transformers, tolerance rel {RTOL:g}")
+        for stem, ids in prompts:
+            check_prompt(report, ref, backend, backend.layout, ids, args.new_tokens, f"{name}/{stem}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"ok": report.ok, "rtol": RTOL, "checks": [c.__dict__ for c in report.checks]}, indent=1) + "\n"

@@ -1,5 +1,6 @@
-"""ExecuTorch program (issue 4, first part): one .pte, target and drafter methods sharing the
-caches and the embedding table, metadata methods for ExecuTorch's LLM runners."""
+"""ExecuTorch program: one .pte, target and drafter methods sharing the caches and the
+embedding table, metadata methods for ExecuTorch's LLM runners; the ExecuTorch backend of
+the shared loops; ExecuTorch's own TextLLMRunner on the same program."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import torch
 
 from export.checkpoint import load_pair
 from export.config import FULL, SLIDING, TargetSpec
-from export.executorch_export import export_executorch
+from export.executorch_export import write_executorch
 from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
 from tests.conftest import PROMPTS
 
 MAX_CONTEXT, MAX_DRAFT = 256, 4
+NEW_TOKENS = 64  # 150-token prompt + 64: past two 64-token windows, inside MAX_CONTEXT
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +31,43 @@ def prompt(demo_dirs):
 
 
 @pytest.fixture(scope="module")
-def program(pair, tmp_path_factory):
+def artifacts(pair, demo_dirs, tmp_path_factory):
+    from export.onnx_export import copy_tokenizer
+
+    out = tmp_path_factory.mktemp("pte")
+    info = write_executorch(*pair, out, MAX_CONTEXT, MAX_DRAFT)
+    copy_tokenizer(demo_dirs[0], out)
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def program(artifacts):
     from executorch.runtime import Runtime
 
-    path = tmp_path_factory.mktemp("pte") / "pair.pte"
-    info = export_executorch(*pair, path, MAX_CONTEXT, MAX_DRAFT)
-    return Runtime.get().load_program(str(path)), info
+    out, info = artifacts
+    return Runtime.get().load_program(str(out / "pair.pte")), info
 
 
-def test_methods_and_metadata(program, pair):
+@pytest.fixture(scope="module")
+def reference_greedy(pair, prompt):
+    from runtime.reference import ReferencePair
+
+    tokens, _ = ReferencePair(*pair).generate(prompt, NEW_TOKENS, 0, stop_at_eos=False)
+    return tokens
+
+
+def test_methods_metadata_and_delegation(program, pair):
     prog, info = program
-    assert {"forward", "target_step", "draft_step"} <= set(prog.method_names)
+    assert {"forward", "target_step", "draft_step", "reset_caches", "shared_kv"} <= set(prog.method_names)
     meta = {name: prog.load_method(name).execute([])[0] for name in info["metadata"]}
     assert meta["get_max_seq_len"] == MAX_CONTEXT and meta["get_vocab_size"] == 2048
     assert meta["get_n_layers"] == 12 and meta["get_num_kv_shared_layers"] == 6
     assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
-    for name, d in info["delegation"].items():
-        assert d["delegate_calls"] > 0, name
+    for name in ("forward", "target_step", "draft_step"):
+        d = info["delegation"][name]
+        # every linear and attention matmul inside XNNPACK, and most operators overall
+        assert d["matmuls_outside"] == [], (name, d["matmuls_outside"])
+        assert d["delegated_share"] > 0.5, (name, d)
 
 
 def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, prompt):
@@ -81,3 +103,43 @@ def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, promp
     assert torch.equal(cand, logits > -1e29)
     assert ((logits[cand] - ref_logits[cand]).abs().max() / ref_logits[cand].abs().max()).item() < 1e-4
     assert ((new_state - ref_state).abs().max() / ref_state.abs().max()).item() < 1e-4
+
+
+def test_backend_greedy_and_speculative_tokens_match_reference(artifacts, prompt, reference_greedy):
+    """The ExecuTorch backend in the shared loops: greedy and speculative (k = 1..4) tokens
+    equal transformers' greedy tokens; a corrupted drafter forces rollbacks."""
+    from runtime.executorch_backend import ExecuTorchBackend
+    from runtime.loop import greedy_generate, speculative_generate
+    from runtime.parity import CorruptDrafts
+
+    backend = ExecuTorchBackend(artifacts[0])
+    assert greedy_generate(backend, prompt, NEW_TOKENS)[0] == reference_greedy
+    for k in (1, 2, 3, 4):
+        tokens, stats, _ = speculative_generate(backend, prompt, NEW_TOKENS, k)
+        assert tokens == reference_greedy, k
+        assert stats.accepted > 0
+    outcomes = set()
+    tokens, _, _ = speculative_generate(
+        CorruptDrafts(backend), prompt, NEW_TOKENS, 4, on_round=lambda p, d, a: outcomes.add((a > 0) + (a == len(d)))
+    )
+    assert tokens == reference_greedy
+    assert outcomes == {0, 1, 2}  # rounds with none, some and all drafts accepted
+
+
+def test_text_llm_runner_reproduces_reference_greedy(artifacts, demo_dirs, prompt, reference_greedy):
+    """ExecuTorch's own runner (the one its Android and iOS apps wrap), given the program and
+    tokenizer.json, generates the reference's greedy continuation."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from runtime.generate import load_tokenizer
+
+    tok = load_tokenizer(demo_dirs[0])
+    text = tok.decode(prompt)
+    assert tok.encode(text).ids == prompt  # the runner re-tokenises the text
+    out, info = artifacts
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(out / "pair.pte"), str(out / "tokenizer.json"))
+    config = GenerationConfig(echo=False, max_new_tokens=NEW_TOKENS, temperature=0.0, seq_len=MAX_CONTEXT)
+    runner.generate(text, config, token_callback=pieces.append)
+    expected = tok.decode(reference_greedy)
+    assert "".join(pieces) == expected

@@ -1,0 +1,176 @@
+"""Quality of an exported (possibly quantized) pair against the fp32 reference, and the
+draft-length calibration.
+
+Quality, on the held-out prompts (each past two sliding windows):
+- top-1 agreement and mean KL(fp32 || exported) of the target's next-token distributions,
+  teacher-forced over prompt + the fp32 greedy continuation (the reference is transformers);
+- speculative output of the exported pair equal to the exported target's own greedy output
+  (exact tokens, every draft length 1..max_draft);
+- mean accepted length of the exported pair against the fp32 pair in the same loop
+  (runtime/eager_backend.py: the export modules in fp32 eager PyTorch).
+Gates from the deployment target fail the export with a message naming each miss.
+
+Draft-length calibration, on the calibration prompts: P(at least i drafts accepted) for
+i = 1..max_draft from speculative runs at max_draft; the target decode, verify(k+1) and
+drafter step costs; predicted tokens/s(k) = (1 + sum_{i<=k} P(a >= i)) / (verify(k+1) +
+k * draft), and the k that maximises it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.loop import greedy_generate, speculative_generate
+
+HERE = Path(__file__).resolve().parent
+HELDOUT = sorted((HERE / "prompts").glob("heldout_*.py"))
+CALIBRATION = sorted((HERE / "prompts").glob("calib_*.py"))
+
+
+class GateError(RuntimeError):
+    """An export that misses a quality gate of its deployment target."""
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def distribution_metrics(logits: np.ndarray, ref_logits: np.ndarray) -> dict:
+    """top-1 agreement and mean KL(ref || ours) over positions."""
+    top1 = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
+    lp, lq = _log_softmax(ref_logits), _log_softmax(logits)
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    return {"top1_agreement": round(top1, 5), "mean_kl": round(kl, 6), "positions": int(len(logits))}
+
+
+def quality_report(backend, fp32_backend, reference, prompts: list[list[int]], new_tokens: int, max_draft: int) -> dict:
+    """reference: runtime.reference.ReferencePair (transformers fp32)."""
+    import torch
+
+    agree, kls, positions = [], [], 0
+    spec_equal, mal, mal_fp32 = True, {}, {}
+    per_prompt = []
+    for ids in prompts:
+        greedy_ref, _ = reference.generate(ids, new_tokens, 0, stop_at_eos=False)
+        seq = list(ids) + greedy_ref[:-1]
+        with torch.no_grad():
+            ref_logits = reference.target(torch.tensor([seq])).logits[0].numpy()
+        backend.reset()
+        logits, _ = backend.target(seq, 0)
+        m = distribution_metrics(logits, ref_logits)
+        agree.append(m["top1_agreement"] * m["positions"])
+        kls.append(m["mean_kl"] * m["positions"])
+        positions += m["positions"]
+        own_greedy, _, _ = greedy_generate(backend, ids, new_tokens)
+        row = {"prompt_tokens": len(ids), **m, "greedy_equals_fp32_greedy": own_greedy == greedy_ref}
+        for k in range(1, max_draft + 1):
+            spec, stats, _ = speculative_generate(backend, ids, new_tokens, k)
+            _, fp32_stats, _ = speculative_generate(fp32_backend, ids, new_tokens, k)
+            spec_equal &= spec == own_greedy
+            mal.setdefault(k, []).append(stats.mean_accepted_length)
+            mal_fp32.setdefault(k, []).append(fp32_stats.mean_accepted_length)
+        per_prompt.append(row)
+    by_k = {
+        k: {
+            "mean_accepted_length": round(statistics.mean(mal[k]), 4),
+            "fp32_mean_accepted_length": round(statistics.mean(mal_fp32[k]), 4),
+        }
+        for k in mal
+    }
+    for row in by_k.values():
+        row["relative_drop"] = round(1 - row["mean_accepted_length"] / row["fp32_mean_accepted_length"], 4)
+    return {
+        "prompts": per_prompt,
+        "new_tokens": new_tokens,
+        "top1_agreement": round(sum(agree) / positions, 5),
+        "mean_kl": round(sum(kls) / positions, 6),
+        "speculative_equals_own_greedy": spec_equal,
+        "accepted_length_by_draft_tokens": by_k,
+        "max_accepted_length_drop": max(r["relative_drop"] for r in by_k.values()),
+    }
+
+
+def check_gates(report: dict, gates, label: str) -> list[str]:
+    """Messages for every missed gate (empty: all pass)."""
+    misses = []
+    if report["top1_agreement"] < gates.min_top1_agreement:
+        misses.append(
+            f"{label}: top-1 agreement {report['top1_agreement']:.4f} < {gates.min_top1_agreement} "
+            f"(short by {gates.min_top1_agreement - report['top1_agreement']:.4f})"
+        )
+    if report["mean_kl"] > gates.max_mean_kl:
+        misses.append(
+            f"{label}: mean KL {report['mean_kl']:.4f} > {gates.max_mean_kl} (over by {report['mean_kl'] - gates.max_mean_kl:.4f})"
+        )
+    if report["max_accepted_length_drop"] > gates.max_accepted_length_drop:
+        misses.append(
+            f"{label}: mean accepted length drops {100 * report['max_accepted_length_drop']:.1f}% vs the fp32 pair "
+            f"(gate {100 * gates.max_accepted_length_drop:.1f}%)"
+        )
+    if not report["speculative_equals_own_greedy"]:
+        misses.append(f"{label}: speculative output differs from the target's own greedy output")
+    return misses
+
+
+def _median_ms(fn, repeats: int = 25, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def measure_step_costs(backend, context: list[int], max_draft: int) -> dict:
+    backend.reset()
+    _, hidden = backend.target(context, 0)
+    pos, tok, state = len(context), context[-1], hidden[-1]
+    costs = {"decode_ms": _median_ms(lambda: backend.target([tok], pos))}
+    for k in range(1, max_draft + 1):
+        costs[f"verify{k + 1}_ms"] = _median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
+    costs["draft_ms"] = _median_ms(lambda: backend.draft(tok, state, pos))
+    return {k: round(v, 3) for k, v in costs.items()}
+
+
+def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, max_draft: int, step_costs=None) -> dict:
+    """Acceptance per draft position, step costs (measured unless given), predicted
+    tokens/s for each draft length, and the choice."""
+    reached = np.zeros(max_draft + 1)
+    rounds = 0
+
+    def on_round(pos, drafts, accepted):
+        nonlocal rounds
+        if len(drafts) == max_draft:  # full rounds only (the last ones may be shortened)
+            rounds += 1
+            reached[: accepted + 1] += 1
+
+    for ids in prompts:
+        speculative_generate(backend, ids, new_tokens, max_draft, on_round=on_round)
+    p_at_least = [round(float(reached[i] / rounds), 4) for i in range(1, max_draft + 1)]
+    measured = step_costs is None
+    costs = measure_step_costs(backend, prompts[0], max_draft) if measured else dict(step_costs)
+    predicted = {}
+    for k in range(1, max_draft + 1):
+        tokens_per_round = 1 + sum(p_at_least[:k])
+        ms = costs[f"verify{k + 1}_ms"] + k * costs["draft_ms"]
+        predicted[k] = round(1000 * tokens_per_round / ms, 1)
+    best = max(predicted, key=predicted.get)
+    greedy = round(1000 / costs["decode_ms"], 1)
+    return {
+        "rounds": rounds,
+        "p_at_least_i_accepted": p_at_least,
+        "step_costs_ms": costs,
+        "step_costs_source": "measured" if measured else "given",
+        "predicted_tok_s": {str(k): v for k, v in predicted.items()},
+        "predicted_greedy_tok_s": greedy,
+        "draft_tokens": best,
+        "predicted_speedup": round(predicted[best] / greedy, 3),
+    }

@@ -1,0 +1,130 @@
+"""Deployment targets: `targets/<name>.toml` read into typed, validated config.
+
+A target file states what `make export TARGET=<name>` builds: the formats (an
+`[executorch]` and/or an `[onnx]` table), delegate, quantization scheme, context length,
+prefill chunk, draft length (a number, or "auto" for draft-length calibration) and the
+quality gates the export must pass.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+PTE_LINEAR = ("fp32", "8da4w")
+PTE_EMBEDDING = ("fp32", "int8")
+ONNX_LINEAR = ("fp32", "int4")
+
+
+class TargetError(ValueError):
+    """An unknown target or a target file that does not validate."""
+
+
+@dataclass(frozen=True)
+class ExecuTorchSpec:
+    delegate: str = "xnnpack"
+    linear: str = "fp32"
+    group_size: int = 32
+    embedding: str = "fp32"
+    coreml: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.linear != "fp32" or self.embedding != "fp32"
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    linear: str = "fp32"
+    block_size: int = 32
+
+    @property
+    def quantized(self) -> bool:
+        return self.linear != "fp32"
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_top1_agreement: float
+    max_mean_kl: float
+    max_accepted_length_drop: float
+    min_pte_size_reduction: float | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentTarget:
+    name: str
+    description: str
+    max_context: int
+    prefill_chunk: int
+    max_draft: int
+    draft_tokens: int | str  # "auto" or a fixed number
+    executorch: ExecuTorchSpec | None
+    onnx: OnnxSpec | None
+    gates: Gates
+
+    @property
+    def quantized(self) -> bool:
+        return bool((self.executorch and self.executorch.quantized) or (self.onnx and self.onnx.quantized))
+
+
+def known_targets() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def _table(cls, data: dict, where: str):
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TargetError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise TargetError(f"{where}: {e}") from None
+
+
+def _choice(value, allowed, where):
+    if value not in allowed:
+        raise TargetError(f"{where} = {value!r}; expected one of {list(allowed)}")
+
+
+def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
+    path = Path(directory) / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(known_targets()) or "(none)"
+        raise TargetError(f"unknown target {name!r}; known targets: {known} (files in {directory})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"{path}: not valid TOML: {e}") from None
+    where = str(path)
+    et = _table(ExecuTorchSpec, data.pop("executorch"), f"{where} [executorch]") if "executorch" in data else None
+    ox = _table(OnnxSpec, data.pop("onnx"), f"{where} [onnx]") if "onnx" in data else None
+    if "gates" not in data:
+        raise TargetError(f"{where}: a [gates] table is required")
+    gates = _table(Gates, data.pop("gates"), f"{where} [gates]")
+    target = _table(DeploymentTarget, {"name": name, **data, "executorch": et, "onnx": ox, "gates": gates}, where)
+    if et is None and ox is None:
+        raise TargetError(f"{where}: no format; add an [executorch] and/or an [onnx] table")
+    if et is not None:
+        _choice(et.delegate, ("xnnpack",), f"{where} [executorch] delegate")
+        _choice(et.linear, PTE_LINEAR, f"{where} [executorch] linear")
+        _choice(et.embedding, PTE_EMBEDDING, f"{where} [executorch] embedding")
+        if et.group_size <= 0 or et.group_size % 2:
+            raise TargetError(f"{where} [executorch] group_size must be a positive even number")
+    if ox is not None:
+        _choice(ox.linear, ONNX_LINEAR, f"{where} [onnx] linear")
+        if ox.block_size < 16 or ox.block_size & (ox.block_size - 1):
+            raise TargetError(f"{where} [onnx] block_size must be a power of two >= 16")
+    if not 1 <= target.max_draft <= 8:
+        raise TargetError(f"{where}: max_draft must be 1..8")
+    if target.draft_tokens != "auto" and not (
+        isinstance(target.draft_tokens, int) and 1 <= target.draft_tokens <= target.max_draft
+    ):
+        raise TargetError(f"{where}: draft_tokens must be \"auto\" or 1..max_draft ({target.max_draft})")
+    if not 1 <= target.prefill_chunk <= target.max_context:
+        raise TargetError(f"{where}: prefill_chunk must be 1..max_context")
+    return target

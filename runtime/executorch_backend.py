@@ -1,0 +1,94 @@
+"""ExecuTorch backend for the shared loops (runtime/loop.py), on `executorch.runtime`.
+
+The program (`pair.pte`, export/executorch_export.py) keeps the caches inside: mutable
+buffers shared by its methods, so a step passes token ids and positions only:
+- `target(ids, start)`: `target_step(tokens [1, N], input_pos [1])` -> logits, hidden, in
+  chunks of at most `prefill_chunk` tokens;
+- `draft(token, state, position)`: `draft_step(token [1, 1], state [1, 1, H], input_pos [1])`
+  -> logits, projected state; it reads the caches the target method wrote;
+- `reset()`: `reset_caches()` zero-fills the caches (positions alone already hide stale
+  entries; this guards against a runtime handing out uninitialised buffer memory).
+
+ExecuTorch's Python runtime takes torch tensors, so unlike the onnxruntime backend this one
+imports torch (ExecuTorch itself depends on it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.onnx_backend import LAYOUT_FILE, ArtifactError
+
+PROGRAM_FILE = "pair.pte"
+
+
+class ExecuTorchBackend:
+    name = "executorch"
+
+    def __init__(self, artifacts: str | Path, prefill_chunk: int = 256, program_file: str = PROGRAM_FILE):
+        from executorch.runtime import Runtime
+
+        self.dir = Path(artifacts)
+        path = self.dir / program_file
+        layout_file = self.dir / LAYOUT_FILE
+        if not path.is_file() or not layout_file.is_file():
+            raise ArtifactError(
+                f"{self.dir} lacks {program_file} or {LAYOUT_FILE}: not an ExecuTorch export of this toolchain "
+                "(make generate BACKEND=executorch exports one)"
+            )
+        self.layout = json.loads(layout_file.read_text())
+        self.program = Runtime.get().load_program(str(path))
+        names = set(self.program.method_names)
+        missing = {"target_step", "reset_caches"} - names
+        if missing:
+            raise ArtifactError(f"{path} has no method(s) {sorted(missing)}; re-export it with this toolchain")
+        self.target_method = self.program.load_method("target_step")
+        self.reset_method = self.program.load_method("reset_caches")
+        self.draft_method = self.program.load_method("draft_step") if "draft_step" in names else None
+        self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
+        self.eos_token_ids = tuple(int(e) for e in self.program.load_method("get_eos_ids").execute([]))
+        self.prefill_chunk = min(prefill_chunk, self.max_context)
+        self.hidden_size = self.layout["hidden_size"]
+        self.reset()
+
+    def reset(self) -> None:
+        self.reset_method.execute([])
+
+    def target(self, ids: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
+        if start + len(ids) > self.max_context:
+            raise ValueError(
+                f"context of {start + len(ids)} tokens exceeds the exported max_context {self.max_context}; "
+                "re-export with a larger --max-context"
+            )
+        logits, hidden = [], []
+        for c in range(0, len(ids), self.prefill_chunk):
+            chunk = torch.tensor([ids[c : c + self.prefill_chunk]], dtype=torch.long)
+            out = self.target_method.execute([chunk, torch.tensor([start + c], dtype=torch.long)])
+            logits.append(out[0][0].numpy().copy())  # outputs may alias the method's memory
+            hidden.append(out[1][0].numpy().copy())
+        if len(logits) == 1:
+            return logits[0], hidden[0]
+        return np.concatenate(logits), np.concatenate(hidden)
+
+    def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.draft_method is None:
+            raise ArtifactError(f"{self.dir / PROGRAM_FILE} has no draft_step; export it with a drafter")
+        out = self.draft_method.execute(
+            [
+                torch.tensor([[token]], dtype=torch.long),
+                torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)).reshape(1, 1, self.hidden_size),
+                torch.tensor([position], dtype=torch.long),
+            ]
+        )
+        return out[0][0, 0].numpy().copy(), out[1][0, 0].numpy().copy()
+
+    def shared_kv(self) -> dict[str, np.ndarray]:
+        """The producer caches (last full and last sliding owner), read through the program's
+        `shared_kv` method; for parity checks."""
+        out = self.program.load_method("shared_kv").execute([])
+        names = ("full.key", "full.value", "sliding.key", "sliding.value")
+        return {n: t.numpy().copy() for n, t in zip(names, out)}
