@@ -156,6 +156,11 @@ def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, m
         speculative_generate(backend, ids, new_tokens, max_draft, on_round=on_round)
     p_at_least = [round(float(reached[i] / rounds), 4) for i in range(1, max_draft + 1)]
     measured = step_costs is None
+    if not measured:
+        needed = ["decode_ms", "draft_ms"] + [f"verify{k + 1}_ms" for k in range(1, max_draft + 1)]
+        missing = [k for k in needed if not isinstance(step_costs.get(k), (int, float))]
+        if missing:
+            raise ValueError(f"step costs lack {missing}; give milliseconds for {needed}")
     costs = measure_step_costs(backend, prompts[0], max_draft) if measured else dict(step_costs)
     predicted = {}
     for k in range(1, max_draft + 1):

@@ -132,21 +132,71 @@ def delegated_share(edge_program) -> dict:
                 matmuls_outside.append(name)
     total = max(inside + outside, 1)
     return {
-        "ops_in_xnnpack": inside,
+        "ops_delegated": inside,
         "ops_outside": outside,
         "delegated_share": round(inside / total, 4),
         "matmuls_outside": matmuls_outside,
     }
 
 
-def export_executorch(target, drafter, path: Path, max_context: int, max_draft: int) -> dict:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _tensor_info(name: str, val) -> dict:
+    shape = [d if isinstance(d, int) else "tokens" for d in val.shape]
+    return {"name": name, "dtype": str(val.dtype).replace("torch.", ""), "shape": shape}
+
+
+def method_io(program) -> dict:
+    """Input and output names, dtypes and shapes of one exported method (for the manifest)."""
+    sig = program.graph_signature
+    nodes = {n.name: n for n in program.graph.nodes}
+    inputs = [_tensor_info(name, nodes[name].meta["val"]) for name in sig.user_inputs]
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    vals = [a.meta["val"] for a in out_node.args[0]][-len(sig.user_outputs) :] if sig.user_outputs else []
+    return {"inputs": inputs, "outputs": [_tensor_info(f"output_{i}", v) for i, v in enumerate(vals)]}
+
+
+def _partitioner(backend: str):
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return XnnpackPartitioner()
+    if backend == "coreml":
+        import coremltools as ct
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        specs = CoreMLBackend.generate_compile_specs(
+            minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16
+        )
+        return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=False)
+    raise ValueError(f"unknown ExecuTorch backend {backend!r}; known: xnnpack, coreml")
+
+
+def export_executorch(
+    target,
+    drafter,
+    path: Path,
+    max_context: int,
+    max_draft: int,
+    quantization: dict | None = None,
+    backend: str = "xnnpack",
+) -> dict:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     spec = TargetSpec.from_hf(target.config)
     layout = CacheLayout(spec.attention, max_context, max_draft)
     pair = EtPair(target, drafter, layout).eval()
+    quant_report = None
+    if quantization:
+        from export.quantize import quantize_for_executorch
+
+        t0 = time.time()
+        quant_report = quantize_for_executorch([pair], **quantization)
+        print(
+            f"[executorch] quantized {quant_report['linears']} linears ({quant_report['linear']}), "
+            f"{quant_report['embeddings']} tables ({quant_report['embedding']}) ({time.time() - t0:.1f}s)",
+            flush=True,
+        )
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
     ids = torch.full((1, 3), spec.bos_token_id, dtype=torch.long)
     pos = torch.tensor([0])
@@ -179,17 +229,17 @@ def export_executorch(target, drafter, path: Path, max_context: int, max_draft: 
     t0 = time.time()
     edge = to_edge_transform_and_lower(
         programs,
-        partitioner=[XnnpackPartitioner()],
+        partitioner=[_partitioner(backend)],
         constant_methods=metadata,
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
     )
-    print(f"[executorch] lowered to XNNPACK ({time.time() - t0:.1f}s)", flush=True)
+    print(f"[executorch] lowered to {backend} ({time.time() - t0:.1f}s)", flush=True)
     shares = {}
     for name in programs:
         share = shares[name] = delegated_share(edge.exported_program(name))
         print(
-            f"      {name}: {100 * share['delegated_share']:.1f}% of ops in XNNPACK "
-            f"({share['ops_in_xnnpack']} in, {share['ops_outside']} on portable kernels; "
+            f"      {name}: {100 * share['delegated_share']:.1f}% of ops in {backend} "
+            f"({share['ops_delegated']} in, {share['ops_outside']} on portable kernels; "
             f"matmuls outside: {len(share['matmuls_outside'])})",
             flush=True,
         )
@@ -197,10 +247,19 @@ def export_executorch(target, drafter, path: Path, max_context: int, max_draft: 
         ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
     )
     Path(path).write_bytes(prog.buffer)
-    return {"methods": sorted(programs), "metadata": metadata, "delegation": shares}
+    io = {name: method_io(p) for name, p in programs.items()}
+    return {
+        "methods": sorted(programs),
+        "metadata": metadata,
+        "delegation": shares,
+        "io": io,
+        "quantization": quant_report,
+    }
 
 
-def write_executorch(target, drafter, out_dir: Path, max_context: int, max_draft: int) -> dict:
+def write_executorch(
+    target, drafter, out_dir: Path, max_context: int, max_draft: int, quantization: dict | None = None
+) -> dict:
     """pair.pte, layout.json (the cache layout, as for ONNX) and executorch_report.json
     (methods, metadata, delegated share per method) into out_dir."""
     import json
@@ -209,9 +268,20 @@ def write_executorch(target, drafter, out_dir: Path, max_context: int, max_draft
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = export_executorch(target, drafter, out_dir / "pair.pte", max_context, max_draft)
+    info = export_executorch(target, drafter, out_dir / "pair.pte", max_context, max_draft, quantization)
     spec = TargetSpec.from_hf(target.config)
     layout = CacheLayout(spec.attention, max_context, max_draft)
     (out_dir / LAYOUT_FILE).write_text(json.dumps(layout_dict(target, drafter, layout), indent=1) + "\n")
-    (out_dir / "executorch_report.json").write_text(json.dumps(info, indent=1) + "\n")
+    (out_dir / "executorch_report.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
+
+
+def write_coreml(out_dir: Path, checkpoint: Path, assistant: Path, max_context: int, max_draft: int) -> dict:
+    """`pair_coreml.pte`: the same methods delegated to Core ML (fp16, iOS 18), where that
+    lowering works on this machine. It is built, not run: Core ML executes only on Apple
+    hardware, so its numbers cannot be checked here."""
+    from export.checkpoint import load_pair
+
+    target, drafter = load_pair(checkpoint, assistant)
+    info = export_executorch(target, drafter, Path(out_dir) / "pair_coreml.pte", max_context, max_draft, backend="coreml")
+    return {"built": True, "file": "pair_coreml.pte", "delegation": info["delegation"], "checked_here": False}

@@ -103,12 +103,6 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
     where = str(path)
     et = _table(ExecuTorchSpec, data.pop("executorch"), f"{where} [executorch]") if "executorch" in data else None
     ox = _table(OnnxSpec, data.pop("onnx"), f"{where} [onnx]") if "onnx" in data else None
-    if "gates" not in data:
-        raise TargetError(f"{where}: a [gates] table is required")
-    gates = _table(Gates, data.pop("gates"), f"{where} [gates]")
-    target = _table(DeploymentTarget, {"name": name, **data, "executorch": et, "onnx": ox, "gates": gates}, where)
-    if et is None and ox is None:
-        raise TargetError(f"{where}: no format; add an [executorch] and/or an [onnx] table")
     if et is not None:
         _choice(et.delegate, ("xnnpack",), f"{where} [executorch] delegate")
         _choice(et.linear, PTE_LINEAR, f"{where} [executorch] linear")
@@ -119,6 +113,12 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
         _choice(ox.linear, ONNX_LINEAR, f"{where} [onnx] linear")
         if ox.block_size < 16 or ox.block_size & (ox.block_size - 1):
             raise TargetError(f"{where} [onnx] block_size must be a power of two >= 16")
+    if et is None and ox is None:
+        raise TargetError(f"{where}: no format; add an [executorch] and/or an [onnx] table")
+    if "gates" not in data:
+        raise TargetError(f"{where}: a [gates] table is required")
+    gates = _table(Gates, data.pop("gates"), f"{where} [gates]")
+    target = _table(DeploymentTarget, {"name": name, **data, "executorch": et, "onnx": ox, "gates": gates}, where)
     if not 1 <= target.max_draft <= 8:
         raise TargetError(f"{where}: max_draft must be 1..8")
     if target.draft_tokens != "auto" and not (

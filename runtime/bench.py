@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(args.checkpoint)
         if drafter is None:
             raise ValueError("the benchmark needs a drafter (ASSISTANT)")
-        backends = {name: b for name, (_, b) in open_backends(args).items()}
+        backends = {name: b for name, (_, b, _) in open_backends(args).items()}
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

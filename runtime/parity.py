@@ -263,23 +263,70 @@ def _first_diff(a, b) -> str:
 
 
 def open_backends(args) -> dict:
-    """name -> (artifacts dir, backend): cached exports of the checkpoints, or --artifacts."""
+    """name -> (artifacts dir, backend, quantized): cached exports of the checkpoints, an
+    earlier export dir, or a `make export` output (its manifest's hashes verified first)."""
     from export.cache import cached_executorch_export, cached_onnx_export
     from runtime.executorch_backend import PROGRAM_FILE, ExecuTorchBackend
     from runtime.onnx_backend import OnnxBackend
 
+    def open_dir(d: Path):
+        return ExecuTorchBackend(d) if (d / PROGRAM_FILE).is_file() else OnnxBackend(d)
+
     if args.artifacts is not None:
+        if (args.artifacts / "manifest.json").is_file():
+            from export.build import verify_manifest
+
+            manifest = verify_manifest(args.artifacts)
+            print(f"manifest: {len(manifest['files'])} files match their sha256")
+            out = {}
+            for fmt, entry in manifest["formats"].items():
+                d = args.artifacts / entry["directory"]
+                linear = (manifest["quantization"].get(fmt) or {}).get("linear", "fp32")
+                out[fmt] = (d, open_dir(d), linear != "fp32")
+            return out
         if (args.artifacts / PROGRAM_FILE).is_file():
-            return {"executorch": (args.artifacts, ExecuTorchBackend(args.artifacts))}
-        return {"onnx": (args.artifacts, OnnxBackend(args.artifacts))}
+            return {"executorch": (args.artifacts, ExecuTorchBackend(args.artifacts), False)}
+        return {"onnx": (args.artifacts, OnnxBackend(args.artifacts), False)}
     out = {}
     if args.backend in ("onnx", "all"):
         d = cached_onnx_export(args.checkpoint, args.assistant)
-        out["onnx"] = (d, OnnxBackend(d))
+        out["onnx"] = (d, OnnxBackend(d), False)
     if args.backend in ("executorch", "all"):
         d = cached_executorch_export(args.checkpoint, args.assistant)
-        out["executorch"] = (d, ExecuTorchBackend(d))
+        out["executorch"] = (d, ExecuTorchBackend(d), False)
     return out
+
+
+def check_quantized(report, ref, backend, layout, prompts, new_tokens, label, gates) -> None:
+    """A quantized export cannot match fp32 to 1e-4; it is held to its target's quality gates
+    instead, and its own speculative output must equal its own greedy output exactly."""
+    from calibration.quality import quality_report
+    from runtime.eager_backend import EagerBackend
+    from runtime.reference import ReferencePair
+
+    fp32 = EagerBackend(ref.target, ref.drafter, layout["max_context"], layout["max_draft"])
+    q = quality_report(backend, fp32, ReferencePair(ref.target, ref.drafter), prompts, new_tokens, layout["max_draft"])
+    report.add(f"{label}: top-1 agreement vs fp32", q["top1_agreement"] >= gates.min_top1_agreement,
+               f"{q['top1_agreement']:.4f} (gate >= {gates.min_top1_agreement})", q["top1_agreement"])
+    report.add(f"{label}: mean KL vs fp32", q["mean_kl"] <= gates.max_mean_kl,
+               f"{q['mean_kl']:.5f} (gate <= {gates.max_mean_kl})", q["mean_kl"])
+    report.add(f"{label}: speculative k=1..{layout['max_draft']} == own greedy", q["speculative_equals_own_greedy"],
+               f"{len(prompts)} prompts x {new_tokens} tokens")
+    drop = q["max_accepted_length_drop"]
+    report.add(f"{label}: accepted length vs fp32 pair", drop <= gates.max_accepted_length_drop,
+               f"largest drop {100 * drop:.1f}% (gate {100 * gates.max_accepted_length_drop:.0f}%)", drop)
+    outcomes = {"none": 0, "some": 0, "all": 0}
+
+    def count(pos, drafts, accepted):
+        outcomes["none" if accepted == 0 else "all" if accepted == len(drafts) else "some"] += 1
+
+    ok = True
+    for ids in prompts:
+        own, _, _ = greedy_generate(backend, ids, new_tokens)
+        spec, _, _ = speculative_generate(CorruptDrafts(backend), ids, new_tokens, 4, on_round=count)
+        ok &= spec == own
+    report.add(f"{label}: corrupted drafts k=4 (rollback)", ok and all(outcomes.values()),
+               f"rounds with none/some/all accepted: {outcomes['none']}/{outcomes['some']}/{outcomes['all']}")
 
 
 def main(argv=None) -> int:
@@ -311,7 +358,16 @@ def main(argv=None) -> int:
     ref = Reference(target, drafter)
     report = Report()
     prompts = [(path.stem, tok.encode(path.read_text()).ids) for path in PROMPTS]
-    for name, (artifacts, backend) in backends.items():
+    gates = None
+    for name, (artifacts, backend, quantized) in backends.items():
+        if quantized:
+            from export.targets import load_target
+
+            manifest = json.loads((artifacts.parent / "manifest.json").read_text())
+            gates = gates or load_target(manifest["target"]).gates
+            print(f"parity: {name} {artifacts} (quantized) vs fp32 transformers, against the target's gates")
+            check_quantized(report, ref, backend, backend.layout, [p for _, p in prompts], args.new_tokens, name, gates)
+            continue
         print(f"parity: {name} {artifacts} vs transformers, tolerance rel {RTOL:g}")
         for stem, ids in prompts:
             check_prompt(report, ref, backend, backend.layout, ids, args.new_tokens, f"{name}/{stem}")

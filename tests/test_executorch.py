@@ -135,11 +135,12 @@ def test_text_llm_runner_reproduces_reference_greedy(artifacts, demo_dirs, promp
 
     tok = load_tokenizer(demo_dirs[0])
     text = tok.decode(prompt)
-    assert tok.encode(text).ids == prompt  # the runner re-tokenises the text
+    # the runner re-tokenises the text and adds the BOS itself (num_bos=1, get_bos_id)
+    assert tok.encode(text).ids == prompt and prompt[0] == tok.token_to_id("<bos>")
     out, info = artifacts
     pieces: list[str] = []
     runner = TextLLMRunner(str(out / "pair.pte"), str(out / "tokenizer.json"))
-    config = GenerationConfig(echo=False, max_new_tokens=NEW_TOKENS, temperature=0.0, seq_len=MAX_CONTEXT)
+    config = GenerationConfig(echo=False, max_new_tokens=NEW_TOKENS, temperature=0.0, seq_len=MAX_CONTEXT, num_bos=1)
     runner.generate(text, config, token_callback=pieces.append)
     expected = tok.decode(reference_greedy)
     assert "".join(pieces) == expected

@@ -1,0 +1,369 @@
+"""`make export TARGET=<t>`: the app-ready artifacts of one deployment target.
+
+Steps (progress printed as [i/n]):
+1. read and check the pair (strict safetensors mapping, pair compatibility) and the target
+   file (targets/<t>.toml);
+2. reference check: transformers' speculative output equals its greedy output on a
+   held-out prompt past two sliding windows;
+3. ExecuTorch (if the target has [executorch]): the pair program `executorch/pair.pte`
+   (target and drafter methods sharing caches and the embedding table, runner metadata),
+   quantized per the target; its fp32 twin (cached) gives the size reduction;
+4. ONNX (if [onnx]): `onnx/{embed,target,drafter}.onnx` + external data, 4-bit MatMulNBits
+   per the target;
+5. quality report per format against the fp32 reference (calibration/quality.py) and the
+   target's gates: a miss fails the export, naming the gate and the margin;
+6. draft-length calibration: acceptance per draft position and step costs, the predicted
+   best draft length (or the target's fixed one);
+7. `manifest.json` (files with sha256 and size, model and drafter summary, methods and I/O,
+   cache layout, draft length, EOS ids, quality, calibration, toolchain versions).
+
+Everything is written into a temporary sibling folder and renamed to `<OUT>/<t>` only when
+complete, so a failed or killed export leaves no `<OUT>/<t>` (and an earlier complete
+one untouched). The bytes depend only on the inputs; step timings, the one measurement that
+varies between runs, can be pinned with `--step-costs FILE` (JSON with decode_ms,
+verify2_ms.., draft_ms, e.g. the `draft_calibration.step_costs_ms` of an earlier manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+QUALITY_NEW_TOKENS = 128
+CALIBRATION_NEW_TOKENS = 128
+CALIBRATION_PROMPT_TOKENS = 448  # the head of each calibration prompt (past two demo windows)
+
+
+class ExportError(ValueError):
+    """An export that cannot complete; the message says why and what to do."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+    return out
+
+
+def _checkpoint_digest(directory: Path) -> dict:
+    """Content hashes of the checkpoint's config and weights (not paths: the same inputs
+    elsewhere give the same manifest)."""
+    return {
+        p.name: sha256(p)
+        for p in sorted(Path(directory).iterdir())
+        if p.is_file() and p.suffix in (".json", ".safetensors")
+    }
+
+
+def _versions() -> dict:
+    import executorch
+    import onnx
+    import onnxruntime
+    import torch
+    import torchao
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "executorch": getattr(executorch, "__version__", "1.5.1"),
+        "torchao": torchao.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _onnx_io(path: Path) -> dict:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def info(v):
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+    return {"inputs": [info(v) for v in m.graph.input], "outputs": [info(v) for v in m.graph.output]}
+
+
+def _summary(target, drafter) -> dict:
+    from export.config import TargetSpec
+
+    spec = TargetSpec.from_hf(target.config)
+    a = spec.attention
+    tc = drafter.config.get_text_config()
+    return {
+        "target": {
+            "architecture": type(target).__name__,
+            "parameters": sum(p.numel() for p in target.parameters()),
+            "layers": a.num_layers,
+            "hidden_size": spec.hidden_size,
+            "vocab_size": spec.vocab_size,
+            "ple_dim": spec.ple_dim,
+            "sliding_window": a.sliding_window,
+            "layer_types": list(a.layer_types),
+            "num_kv_shared_layers": a.num_kv_shared_layers,
+            "head_dim": {"sliding_attention": a.head_dim, "full_attention": a.global_head_dim},
+        },
+        "drafter": {
+            "architecture": type(drafter).__name__,
+            "parameters": sum(p.numel() for p in drafter.parameters()),
+            "layers": len(tc.layer_types),
+            "hidden_size": tc.hidden_size,
+            "use_ordered_embeddings": bool(drafter.config.use_ordered_embeddings),
+        },
+    }
+
+
+def build_target(
+    name: str,
+    checkpoint: Path,
+    assistant: Path,
+    out_root: Path,
+    step_costs: dict | None = None,
+    check_tokens: int = 64,
+    targets_dir: Path | None = None,
+) -> Path:
+    from calibration.quality import CALIBRATION, HELDOUT, GateError, calibrate_draft_length, check_gates, quality_report
+    from export.cache import cached_executorch_export
+    from export.checkpoint import load_pair
+    from export.onnx_export import copy_tokenizer, export_onnx
+    from export.targets import load_target
+    from runtime.eager_backend import EagerBackend
+    from runtime.generate import load_tokenizer
+    from runtime.reference import ReferencePair
+
+    t0 = time.time()
+    steps = 7
+
+    def stage(i, text):
+        print(f"[{i}/{steps}] {text} [{time.time() - t0:.0f}s]", flush=True)
+
+    target_cfg = load_target(name) if targets_dir is None else load_target(name, targets_dir)
+    stage(1, f"target {name!r}: {target_cfg.description}; reading {checkpoint} and {assistant}")
+    target, drafter = load_pair(checkpoint, assistant)
+    if drafter is None:
+        raise ExportError("a deployment export needs the drafter: pass ASSISTANT=<dir>")
+    tok = load_tokenizer(checkpoint)
+    heldout = [tok.encode(p.read_text()).ids for p in HELDOUT]
+    calib = [tok.encode(p.read_text()).ids[:CALIBRATION_PROMPT_TOKENS] for p in CALIBRATION] or heldout
+    longest = max(len(p) for p in heldout + calib) + max(QUALITY_NEW_TOKENS, CALIBRATION_NEW_TOKENS) + 1
+    if longest > target_cfg.max_context:
+        raise ExportError(f"max_context {target_cfg.max_context} of {name!r} is below the check prompts ({longest})")
+    reference = ReferencePair(target, drafter)
+
+    stage(2, f"reference check: {len(heldout[0])}-token held-out prompt, {check_tokens} new tokens")
+    greedy, _ = reference.generate(heldout[0], check_tokens, 0, stop_at_eos=False)
+    spec, stats = reference.generate(heldout[0], check_tokens, target_cfg.max_draft, stop_at_eos=False)
+    if spec != greedy:
+        raise ExportError("transformers' speculative output differs from its greedy output: the pair is broken")
+    print(f"      speculative == greedy; mean accepted length {stats.mean_accepted_length:.2f}", flush=True)
+
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    final = out_root / name
+    for stale in out_root.glob(f".{name}.partial-*"):  # left by an export killed outright (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_root / f".{name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        formats, quality, quant, methods = {}, {}, {}, {}
+        fp32 = EagerBackend(target, drafter, target_cfg.max_context, target_cfg.max_draft)
+        if target_cfg.executorch is not None:
+            et = target_cfg.executorch
+            stage(3, f"ExecuTorch: XNNPACK program, linear {et.linear}, embeddings {et.embedding}")
+            formats["executorch"] = _build_executorch(tmp / "executorch", checkpoint, assistant, target_cfg, methods, quant)
+        else:
+            stage(3, "ExecuTorch: not part of this target")
+        if target_cfg.onnx is not None:
+            ox = target_cfg.onnx
+            stage(4, f"ONNX: graphs, linear {ox.linear}")
+            d = tmp / "onnx"
+            t_fresh, d_fresh = load_pair(checkpoint, assistant)
+            export_onnx(t_fresh, d_fresh, d, target_cfg.max_context, target_cfg.max_draft)
+            copy_tokenizer(checkpoint, d)
+            if ox.linear == "int4":
+                from export.quantize import quantize_onnx_graph
+
+                counts = {g: quantize_onnx_graph(d / g, ox.block_size) for g in ("target.onnx", "drafter.onnx")}
+                quant["onnx"] = {"linear": "int4 MatMulNBits", "block_size": ox.block_size, "matmuls": counts}
+                print(f"      MatMulNBits: {counts}", flush=True)
+            methods["onnx"] = {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}
+            formats["onnx"] = d
+        else:
+            stage(4, "ONNX: not part of this target")
+
+        stage(5, f"quality vs fp32 on {len(heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
+        misses = []
+        for fmt, directory in formats.items():
+            backend = _open(fmt, directory)
+            report = quality_report(backend, fp32, reference, heldout, QUALITY_NEW_TOKENS, target_cfg.max_draft)
+            quality[fmt] = report
+            print(
+                f"      {fmt}: top-1 {report['top1_agreement']:.4f}, KL {report['mean_kl']:.5f}, "
+                f"accepted-length drop {100 * report['max_accepted_length_drop']:.1f}%, "
+                f"speculative == own greedy: {report['speculative_equals_own_greedy']}",
+                flush=True,
+            )
+            misses += check_gates(report, target_cfg.gates, fmt)
+        if "executorch" in formats and target_cfg.gates.min_pte_size_reduction:
+            ratio = quant["executorch_size_reduction"]
+            if ratio < target_cfg.gates.min_pte_size_reduction:
+                misses.append(
+                    f"executorch: .pte is {ratio:.2f}x smaller than fp32, gate {target_cfg.gates.min_pte_size_reduction}x"
+                )
+        (tmp / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
+        if misses:
+            raise GateError("quality gates of target %r missed:\n  %s" % (name, "\n  ".join(misses)))
+
+        primary = "executorch" if "executorch" in formats else "onnx"
+        stage(6, f"draft-length calibration on {primary} ({len(calib)} prompts)")
+        calibration = calibrate_draft_length(
+            _open(primary, formats[primary]), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
+        )
+        if target_cfg.draft_tokens != "auto":
+            calibration["draft_tokens"] = target_cfg.draft_tokens
+            calibration["choice"] = "fixed by the target file"
+        else:
+            calibration["choice"] = "argmax of predicted tokens/s"
+        print(
+            f"      P(>= i accepted) {calibration['p_at_least_i_accepted']}; step costs {calibration['step_costs_ms']} "
+            f"({calibration['step_costs_source']}); draft length {calibration['draft_tokens']} "
+            f"(predicted {calibration['predicted_speedup']}x over greedy)",
+            flush=True,
+        )
+
+        stage(7, f"manifest and atomic rename to {final}")
+        layout = json.loads((formats[primary] / "layout.json").read_text())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "target": name,
+            "description": target_cfg.description,
+            "inputs": {"checkpoint": _checkpoint_digest(checkpoint), "assistant": _checkpoint_digest(assistant)},
+            "model": _summary(target, drafter),
+            "formats": {
+                fmt: {"directory": d.name, "entry": "pair.pte" if fmt == "executorch" else "target.onnx"}
+                for fmt, d in formats.items()
+            },
+            "methods": methods,
+            "cache_layout": {
+                k: layout[k]
+                for k in ("max_context", "max_draft", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
+            },
+            "prefill_chunk": target_cfg.prefill_chunk,
+            "draft_tokens": calibration["draft_tokens"],
+            "eos_token_ids": layout["eos_token_ids"],
+            "bos_token_id": layout["bos_token_id"],
+            "quantization": quant,
+            "quality": {fmt: {k: v for k, v in r.items() if k != "prompts"} for fmt, r in quality.items()},
+            "draft_calibration": calibration,
+            "toolchain": _versions(),
+            "files": _files(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {final} [{time.time() - t0:.0f}s]", flush=True)
+    return final
+
+
+def _open(fmt: str, directory: Path):
+    if fmt == "executorch":
+        from runtime.executorch_backend import ExecuTorchBackend
+
+        return ExecuTorchBackend(directory)
+    from runtime.onnx_backend import OnnxBackend
+
+    return OnnxBackend(directory)
+
+
+def _build_executorch(d: Path, checkpoint, assistant, cfg, methods: dict, quant: dict) -> Path:
+    from export.cache import cached_executorch_export
+    from export.checkpoint import load_pair
+    from export.executorch_export import write_executorch
+    from export.onnx_export import copy_tokenizer
+
+    et = cfg.executorch
+    target, drafter = load_pair(checkpoint, assistant)  # fresh: quantization is in place
+    q = {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding} if et.quantized else None
+    info = write_executorch(target, drafter, d, cfg.max_context, cfg.max_draft, q)
+    copy_tokenizer(checkpoint, d)
+    methods["executorch"] = info["io"]
+    quant["executorch"] = info["quantization"] or {"linear": "fp32", "embedding": "fp32"}
+    quant["executorch_delegation"] = info["delegation"]
+    if et.quantized:
+        fp32 = cached_executorch_export(checkpoint, assistant, cfg.max_context, cfg.max_draft) / "pair.pte"
+        size, fp32_size = (d / "pair.pte").stat().st_size, fp32.stat().st_size
+        quant["executorch_size_reduction"] = round(fp32_size / size, 3)
+        print(f"      pair.pte {size / 1e6:.2f} MB vs fp32 {fp32_size / 1e6:.2f} MB ({fp32_size / size:.2f}x smaller)")
+    if et.coreml:
+        quant["coreml"] = _try_coreml(d, checkpoint, assistant, cfg)
+    return d
+
+
+def _try_coreml(d: Path, checkpoint, assistant, cfg) -> dict:
+    """A Core ML delegated program where its lowering works on this machine; on failure the
+    reason is recorded in the manifest and the export goes on (the XNNPACK program is the
+    iOS baseline)."""
+    try:
+        from export.executorch_export import write_coreml
+
+        return write_coreml(d, checkpoint, assistant, cfg.max_context, cfg.max_draft)
+    except Exception as e:  # noqa: BLE001 - any lowering failure is reported, not fatal
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"      Core ML: not built ({reason})", flush=True)
+        return {"built": False, "reason": reason}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a complete export into place; an earlier export is replaced only after the new
+    one is complete."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_manifest(directory: Path) -> dict:
+    """Check every file of an export against its manifest entry; raise ExportError naming
+    the first problems (missing, changed, or unlisted files)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {directory} is not a `make export` output")
+    manifest = json.loads(path.read_text())
+    problems = []
+    for rel, entry in manifest["files"].items():
+        p = directory / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != entry["bytes"] or sha256(p) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (file changed or corrupted)")
+    listed = set(manifest["files"])
+    extra = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(set(extra) - listed)]
+    if problems:
+        raise ExportError(
+            f"{directory} fails its manifest, refusing to use it:\n  " + "\n  ".join(problems) + "\nre-run `make export`"
+        )
+    return manifest

@@ -1,0 +1,131 @@
+"""`make export TARGET=...` end to end on an ONNX-only 4-bit target (the fast format to
+build; the ExecuTorch programs are covered in test_executorch.py and by `make export`):
+manifest and hashes, byte-identical re-export, tamper refusal in `make parity`, atomic
+output under a kill, and a missed quality gate failing the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TARGET = """
+description = "test: ONNX only, 4-bit MatMulNBits"
+max_context = 640
+prefill_chunk = 128
+max_draft = 4
+draft_tokens = "auto"
+
+[onnx]
+linear = "int4"
+block_size = 32
+
+[gates]
+min_top1_agreement = 0.90
+max_mean_kl = 0.5
+max_accepted_length_drop = 0.25
+"""
+# Pinned step costs (ms): the one measured input, so that two exports can be compared byte for byte.
+STEP_COSTS = {"decode_ms": 1.0, "verify2_ms": 1.2, "verify3_ms": 1.3, "verify4_ms": 1.4, "verify5_ms": 1.6, "draft_ms": 0.15}
+
+
+@pytest.fixture(scope="module")
+def targets_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("targets")
+    (d / "onnx4.toml").write_text(TARGET)
+    (d / "strict.toml").write_text(TARGET.replace("max_mean_kl = 0.5", "max_mean_kl = 0.0"))
+    return d
+
+
+def _export(demo_dirs, targets_dir, out, name="onnx4"):
+    from export.build import build_target
+
+    return build_target(name, *demo_dirs, out, step_costs=STEP_COSTS, check_tokens=16, targets_dir=targets_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(demo_dirs, targets_dir, tmp_path_factory):
+    return _export(demo_dirs, targets_dir, tmp_path_factory.mktemp("out"))
+
+
+def test_manifest_describes_every_file(exported):
+    from export.build import verify_manifest
+
+    manifest = verify_manifest(exported)
+    files = manifest["files"]
+    assert {"onnx/target.onnx", "onnx/drafter.onnx", "onnx/embed.onnx", "onnx/tokenizer.json", "quality.json"} <= set(files)
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
+    assert manifest["quantization"]["onnx"]["matmuls"]["target.onnx"] > 0
+    io = manifest["methods"]["onnx"]["target"]
+    assert io["inputs"][0]["name"] == "inputs_embeds" and isinstance(io["inputs"][0]["shape"][1], str)  # dynamic
+    assert {"logits", "last_hidden_state"} <= {o["name"] for o in io["outputs"]}
+    assert manifest["cache_layout"]["ring_slots"] == 64 + 4 + 1
+    assert manifest["eos_token_ids"] == [1]
+    cal = manifest["draft_calibration"]
+    assert 1 <= manifest["draft_tokens"] <= 4 and cal["step_costs_source"] == "given"
+    assert len(cal["p_at_least_i_accepted"]) == 4
+    assert manifest["quality"]["onnx"]["speculative_equals_own_greedy"]
+    assert set(manifest["toolchain"]) >= {"torch", "transformers", "executorch", "onnxruntime"}
+
+
+def test_same_inputs_give_the_same_bytes(exported, demo_dirs, targets_dir, tmp_path):
+    again = _export(demo_dirs, targets_dir, tmp_path)
+    first = sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file())
+    second = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert first == second
+    differing = [str(p) for p in first if (exported / p).read_bytes() != (again / p).read_bytes()]
+    assert differing == []
+
+
+def test_parity_refuses_a_tampered_export(exported, tmp_path, capsys):
+    import shutil
+
+    from runtime.parity import main as parity_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    data = copy / "onnx" / "target.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x55
+    data.write_bytes(bytes(blob))
+    assert parity_main(["--artifacts", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "onnx/target.onnx.data: sha256 differs" in err and "refusing" in err
+
+
+def test_missed_gate_fails_and_writes_nothing(demo_dirs, targets_dir, tmp_path):
+    from calibration.quality import GateError
+
+    with pytest.raises(GateError, match=r"mean KL .* > 0.0"):
+        _export(demo_dirs, targets_dir, tmp_path, name="strict")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_export_leaves_no_target_directory(demo_dirs, targets_dir, tmp_path, sig):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "export", "--target", "onnx4", "--targets-dir", str(targets_dir), "--out", str(out),
+           "--checkpoint", str(demo_dirs[0]), "--assistant", str(demo_dirs[1]), "--check-tokens", "8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob(".onnx4.partial-*/onnx/*.onnx")):  # midway: graphs being written
+            assert proc.poll() is None, "export ended before it was killed"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "onnx4").exists()
+    if sig == signal.SIGTERM:  # unwound: the partial folder is removed too
+        assert list(out.iterdir()) == []

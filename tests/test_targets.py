@@ -1,0 +1,40 @@
+"""Deployment target files: typed, validated, unknown names listed."""
+
+from __future__ import annotations
+
+import pytest
+
+from export.targets import TargetError, known_targets, load_target
+
+
+def test_shipped_targets_load():
+    assert {"android", "ios", "linux-x86_64"} <= set(known_targets())
+    android = load_target("android")
+    assert android.executorch.linear == "8da4w" and android.executorch.embedding == "int8"
+    assert android.onnx.linear == "int4" and android.quantized
+    assert android.gates.min_top1_agreement >= 0.95 and android.gates.min_pte_size_reduction >= 3
+    ios = load_target("ios")
+    assert ios.executorch.coreml and ios.onnx is None
+    linux = load_target("linux-x86_64")
+    assert not linux.quantized and linux.executorch and linux.onnx
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(TargetError, match="known targets: android, ios, linux-x86_64"):
+        load_target("windows-phone")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('max_context = 1024\n[executorch]\nlinear = "2bit"\n[gates]\n', "linear = '2bit'"),
+        ("[executorch]\ncolour = 1\n", "unknown key"),
+        ("description='x'\nmax_context=64\nprefill_chunk=8\nmax_draft=4\ndraft_tokens='auto'\n[gates]\n"
+         "min_top1_agreement=0.9\nmax_mean_kl=1\nmax_accepted_length_drop=0.1\n", "no format"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_target_files_are_refused(tmp_path, body, message):
+    (tmp_path / "bad.toml").write_text(body)
+    with pytest.raises(TargetError, match=message):
+        load_target("bad", tmp_path)
