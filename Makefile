@@ -45,7 +45,8 @@ generate: $(STAMP)
 	@$(PY) -m runtime.generate $(GEN_ARGS)
 
 export: $(STAMP)
-	$(PY) -m export --target $(TARGET) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(OUT)
+	$(PY) -m export --target $(TARGET) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(OUT) \
+		$(if $(STEP_COSTS),--step-costs $(STEP_COSTS))
 
 parity: $(STAMP)
 	$(PY) -m runtime.parity --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) \

@@ -140,7 +140,6 @@ def build_target(
     targets_dir: Path | None = None,
 ) -> Path:
     from calibration.quality import CALIBRATION, HELDOUT, GateError, calibrate_draft_length, check_gates, quality_report
-    from export.cache import cached_executorch_export
     from export.checkpoint import load_pair
     from export.onnx_export import copy_tokenizer, export_onnx
     from export.targets import load_target
@@ -295,16 +294,15 @@ def _open(fmt: str, directory: Path):
 
 
 def _build_executorch(d: Path, checkpoint, assistant, cfg, methods: dict, quant: dict) -> Path:
+    """The target's program, through the export cache (programs of the same inputs and
+    settings are lowered once: lowering takes minutes)."""
     from export.cache import cached_executorch_export
-    from export.checkpoint import load_pair
-    from export.executorch_export import write_executorch
-    from export.onnx_export import copy_tokenizer
 
     et = cfg.executorch
-    target, drafter = load_pair(checkpoint, assistant)  # fresh: quantization is in place
     q = {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding} if et.quantized else None
-    info = write_executorch(target, drafter, d, cfg.max_context, cfg.max_draft, q)
-    copy_tokenizer(checkpoint, d)
+    src = cached_executorch_export(checkpoint, assistant, cfg.max_context, cfg.max_draft, q)
+    shutil.copytree(src, d)
+    info = json.loads((d / "executorch_report.json").read_text())
     methods["executorch"] = info["io"]
     quant["executorch"] = info["quantization"] or {"linear": "fp32", "embedding": "fp32"}
     quant["executorch_delegation"] = info["delegation"]

@@ -23,7 +23,9 @@ DEFAULT_MAX_DRAFT = 4
 _HERE = Path(__file__).parent
 EXPORTER_SOURCES = {
     "onnx": [_HERE / name for name in ("modules.py", "onnx_export.py", "checkpoint.py")],
-    "executorch": [_HERE / name for name in ("modules.py", "onnx_export.py", "executorch_export.py", "checkpoint.py")],
+    "executorch": [
+        _HERE / name for name in ("modules.py", "onnx_export.py", "executorch_export.py", "quantize.py", "checkpoint.py")
+    ],
 }
 
 
@@ -56,8 +58,9 @@ def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: int, max_draft: int, marker: str, write):
-    key = export_key(kind, checkpoint, assistant, max_context=max_context, max_draft=max_draft)
+def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: int, max_draft: int, marker: str, write,
+            **extra):
+    key = export_key(kind, checkpoint, assistant, max_context=max_context, max_draft=max_draft, **extra)
     final = CACHE_ROOT / f"{kind}-{key}"
     if (final / marker).is_file():
         return final
@@ -69,7 +72,7 @@ def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: in
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=CACHE_ROOT))
     try:
-        write(target, drafter, tmp, max_context, max_draft)
+        write(target, drafter, tmp, max_context, max_draft, **extra)
         copy_tokenizer(checkpoint, tmp)
         os.replace(tmp, final)
     except BaseException:
@@ -94,8 +97,13 @@ def cached_executorch_export(
     assistant: Path | None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     max_draft: int = DEFAULT_MAX_DRAFT,
+    quantization: dict | None = None,
 ) -> Path:
-    """pair.pte + layout.json (+ tokenizer.json); lowering takes minutes, hence the cache."""
+    """pair.pte + layout.json + executorch_report.json (+ tokenizer.json); lowering takes
+    minutes, hence the cache. `quantization`: see export/quantize.py (None: fp32)."""
     from export.executorch_export import write_executorch
 
-    return _cached("executorch", checkpoint, assistant, max_context, max_draft, "pair.pte", write_executorch)
+    return _cached(
+        "executorch", checkpoint, assistant, max_context, max_draft, "pair.pte", write_executorch,
+        quantization=quantization,
+    )
