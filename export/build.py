@@ -197,10 +197,15 @@ def build_target(
             export_onnx(t_fresh, d_fresh, d, target_cfg.max_context, target_cfg.max_draft)
             copy_tokenizer(checkpoint, d)
             if ox.linear == "int4":
-                from export.quantize import quantize_onnx_graph
+                from export.quantize_onnx import quantize_onnx_graph
 
-                counts = {g: quantize_onnx_graph(d / g, ox.block_size) for g in ("target.onnx", "drafter.onnx")}
-                quant["onnx"] = {"linear": "int4 MatMulNBits", "block_size": ox.block_size, "matmuls": counts}
+                counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in ("target.onnx", "drafter.onnx")}
+                quant["onnx"] = {
+                    "linear": "int4 MatMulNBits",
+                    "block_size": ox.block_size,
+                    "keep_8bit": list(ox.keep_8bit),
+                    "matmuls": counts,
+                }
                 print(f"      MatMulNBits: {counts}", flush=True)
             methods["onnx"] = {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}
             formats["onnx"] = d
@@ -299,7 +304,11 @@ def _build_executorch(d: Path, checkpoint, assistant, cfg, methods: dict, quant:
     from export.cache import cached_executorch_export
 
     et = cfg.executorch
-    q = {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding} if et.quantized else None
+    q = (
+        {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding, "keep_8bit": list(et.keep_8bit)}
+        if et.quantized
+        else None
+    )
     src = cached_executorch_export(checkpoint, assistant, cfg.max_context, cfg.max_draft, q)
     shutil.copytree(src, d)
     info = json.loads((d / "executorch_report.json").read_text())

@@ -30,6 +30,7 @@ class ExecuTorchSpec:
     group_size: int = 32
     embedding: str = "fp32"
     coreml: bool = False
+    keep_8bit: tuple[str, ...] = ()  # module-path substrings of linears kept at 8-bit weights
 
     @property
     def quantized(self) -> bool:
@@ -40,6 +41,7 @@ class ExecuTorchSpec:
 class OnnxSpec:
     linear: str = "fp32"
     block_size: int = 32
+    keep_8bit: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -80,6 +82,7 @@ def _table(cls, data: dict, where: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise TargetError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as e:

@@ -5,13 +5,11 @@ output under a kill, and a missed quality gate failing the export."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

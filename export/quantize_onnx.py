@@ -1,0 +1,47 @@
+"""ONNX side of the quantization recipe (export/quantize.py has the ExecuTorch side):
+onnxruntime's MatMulNBits quantizer on the exported graphs, the linears to 4-bit symmetric
+blocks of `block_size` along the input dim computing with int8 activations (accuracy_level
+4: the same 8-bit-activation / 4-bit-weight recipe), the target's `keep_8bit` linears to
+8-bit. Kept apart from export/quantize.py so that the cached ExecuTorch programs (keyed by
+their exporter's sources) do not depend on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tuple = ()) -> dict:
+    """Rewrite one graph (weights as external data) with MatMulNBits: the MatMuls of
+    nn.Linear layers (found by the exporter's name scopes; the constant RoPE rotation and
+    other matmuls are left alone) to 4-bit, or 8-bit where the module path contains one of
+    `keep_8bit`. Returns the number of MatMuls per bit width."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    groups: dict[int, list[str]] = {4: [], 8: []}
+    others = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        if "aten.linear" not in meta.get("pkg.torch.onnx.fx_node", ""):
+            others.append(node.name)
+            continue
+        scope = meta.get("pkg.torch.onnx.name_scopes", "")
+        groups[8 if any(k in scope for k in keep_8bit) else 4].append(node.name)
+    for bits, names in groups.items():
+        if names:  # (the quantizer honours nodes_to_exclude; nodes_to_include alone is ignored)
+            exclude = others + [n for b, group in groups.items() if b != bits for n in group]
+            q = MatMulNBitsQuantizer(
+                model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4, nodes_to_exclude=exclude
+            )
+            q.process()
+            model = q.model.model
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    return {f"int{bits}": len(names) for bits, names in groups.items()}
