@@ -193,8 +193,9 @@ def export_executorch(
         t0 = time.time()
         quant_report = quantize_for_executorch([pair], **quantization)
         print(
-            f"[executorch] quantized {quant_report['linears']} linears ({quant_report['linear']}), "
-            f"{quant_report['embeddings']} tables ({quant_report['embedding']}) ({time.time() - t0:.1f}s)",
+            f"[executorch] quantized linears {quant_report['linear']}: {quant_report['linears_int4']} int4, "
+            f"{quant_report['linears_int8']} int8 (keep_8bit); {quant_report['embeddings']} tables "
+            f"{quant_report['embedding']} ({time.time() - t0:.1f}s)",
             flush=True,
         )
     tokens = torch.export.Dim("tokens", min=1, max=max_context)

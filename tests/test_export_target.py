@@ -25,6 +25,7 @@ draft_tokens = "auto"
 [onnx]
 linear = "int4"
 block_size = 32
+keep_8bit = ["lm_head", "self_attn", "per_layer"]
 
 [gates]
 min_top1_agreement = 0.90
@@ -61,7 +62,8 @@ def test_manifest_describes_every_file(exported):
     files = manifest["files"]
     assert {"onnx/target.onnx", "onnx/drafter.onnx", "onnx/embed.onnx", "onnx/tokenizer.json", "quality.json"} <= set(files)
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
-    assert manifest["quantization"]["onnx"]["matmuls"]["target.onnx"] > 0
+    counts = manifest["quantization"]["onnx"]["matmuls"]["target.onnx"]
+    assert counts["int4"] > 0 and counts["int8"] > 0  # MLP linears 4-bit, the keep_8bit ones 8-bit
     io = manifest["methods"]["onnx"]["target"]
     assert io["inputs"][0]["name"] == "inputs_embeds" and isinstance(io["inputs"][0]["shape"][1], str)  # dynamic
     assert {"logits", "last_hidden_state"} <= {o["name"] for o in io["outputs"]}
