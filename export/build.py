@@ -10,10 +10,11 @@ Steps (progress printed as [i/n]):
    quantized per the target; its fp32 twin (cached) gives the size reduction;
 4. ONNX (if [onnx]): `onnx/{embed,target,drafter}.onnx` + external data, 4-bit MatMulNBits
    per the target;
-5. quality report per format against the fp32 reference (calibration/quality.py) and the
-   target's gates: a miss fails the export, naming the gate and the margin;
-6. draft-length calibration: acceptance per draft position and step costs, the predicted
+5. draft-length calibration: acceptance per draft position and step costs, the predicted
    best draft length (or the target's fixed one);
+6. quality report per format against the fp32 reference (calibration/quality.py) and the
+   target's gates (accepted length at the deployed draft length): a miss fails the export,
+   naming the gate and the margin;
 7. `manifest.json` (files with sha256 and size, model and drafter summary, methods and I/O,
    cache layout, draft length, EOS ids, quality, calibration, toolchain versions).
 
@@ -212,19 +213,41 @@ def build_target(
         else:
             stage(4, "ONNX: not part of this target")
 
-        stage(5, f"quality vs fp32 on {len(heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
+        stage(5, f"draft-length calibration ({len(calib)} prompts)")
+        primary = "executorch" if "executorch" in formats else "onnx"
+        calibration = calibrate_draft_length(
+            _open(primary, formats[primary]), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
+        )
+        calibration["format"] = primary
+        if target_cfg.draft_tokens != "auto":
+            calibration["draft_tokens"] = target_cfg.draft_tokens
+            calibration["choice"] = "fixed by the target file"
+        else:
+            calibration["choice"] = "argmax of predicted tokens/s"
+        draft_tokens = calibration["draft_tokens"]
+        print(
+            f"      P(>= i accepted) {calibration['p_at_least_i_accepted']}; step costs {calibration['step_costs_ms']} "
+            f"({calibration['step_costs_source']}); draft length {draft_tokens} "
+            f"(predicted {calibration['predicted_speedup']}x over greedy)",
+            flush=True,
+        )
+
+        stage(6, f"quality vs fp32 on {len(heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
         misses = []
         for fmt, directory in formats.items():
             backend = _open(fmt, directory)
-            report = quality_report(backend, fp32, reference, heldout, QUALITY_NEW_TOKENS, target_cfg.max_draft)
+            report = quality_report(
+                backend, fp32, reference, heldout, QUALITY_NEW_TOKENS, target_cfg.max_draft, extra_prompts=calib
+            )
             quality[fmt] = report
+            drop = report["accepted_length_by_draft_tokens"][draft_tokens]["relative_drop"]
             print(
                 f"      {fmt}: top-1 {report['top1_agreement']:.4f}, KL {report['mean_kl']:.5f}, "
-                f"accepted-length drop {100 * report['max_accepted_length_drop']:.1f}%, "
+                f"accepted-length drop at {draft_tokens} drafts {100 * drop:.1f}%, "
                 f"speculative == own greedy: {report['speculative_equals_own_greedy']}",
                 flush=True,
             )
-            misses += check_gates(report, target_cfg.gates, fmt)
+            misses += check_gates(report, target_cfg.gates, fmt, draft_tokens)
         if "executorch" in formats and target_cfg.gates.min_pte_size_reduction:
             ratio = quant["executorch_size_reduction"]
             if ratio < target_cfg.gates.min_pte_size_reduction:
@@ -234,23 +257,6 @@ def build_target(
         (tmp / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
         if misses:
             raise GateError("quality gates of target %r missed:\n  %s" % (name, "\n  ".join(misses)))
-
-        primary = "executorch" if "executorch" in formats else "onnx"
-        stage(6, f"draft-length calibration on {primary} ({len(calib)} prompts)")
-        calibration = calibrate_draft_length(
-            _open(primary, formats[primary]), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
-        )
-        if target_cfg.draft_tokens != "auto":
-            calibration["draft_tokens"] = target_cfg.draft_tokens
-            calibration["choice"] = "fixed by the target file"
-        else:
-            calibration["choice"] = "argmax of predicted tokens/s"
-        print(
-            f"      P(>= i accepted) {calibration['p_at_least_i_accepted']}; step costs {calibration['step_costs_ms']} "
-            f"({calibration['step_costs_source']}); draft length {calibration['draft_tokens']} "
-            f"(predicted {calibration['predicted_speedup']}x over greedy)",
-            flush=True,
-        )
 
         stage(7, f"manifest and atomic rename to {final}")
         layout = json.loads((formats[primary] / "layout.json").read_text())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ACCURACY_LEVEL = 0
+
 
 def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tuple = ()) -> dict:
     """Rewrite one graph (weights as external data) with MatMulNBits: the MatMuls of
@@ -17,7 +19,7 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
     other matmuls are left alone) to 4-bit, or 8-bit where the module path contains one of
     `keep_8bit`. Returns the number of MatMuls per bit width."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     path = Path(path)
     model = onnx.load(str(path))
@@ -35,8 +37,16 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
     for bits, names in groups.items():
         if names:  # (the quantizer honours nodes_to_exclude; nodes_to_include alone is ignored)
             exclude = others + [n for b, group in groups.items() if b != bits for n in group]
+            # 4-bit: HQQ scale/zero search, as the torchao side uses for the .pte
+            algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4) if bits == 4 else None
             q = MatMulNBitsQuantizer(
-                model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4, nodes_to_exclude=exclude
+                model,
+                bits=bits,
+                block_size=block_size,
+                is_symmetric=True,
+                accuracy_level=ACCURACY_LEVEL,
+                nodes_to_exclude=exclude,
+                algo_config=algo,
             )
             q.process()
             model = q.model.model

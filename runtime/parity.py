@@ -297,7 +297,7 @@ def open_backends(args) -> dict:
     return out
 
 
-def check_quantized(report, ref, backend, layout, prompts, new_tokens, label, gates) -> None:
+def check_quantized(report, ref, backend, layout, prompts, new_tokens, label, gates, draft_tokens, extra_prompts) -> None:
     """A quantized export cannot match fp32 to 1e-4; it is held to its target's quality gates
     instead, and its own speculative output must equal its own greedy output exactly."""
     from calibration.quality import quality_report
@@ -305,16 +305,18 @@ def check_quantized(report, ref, backend, layout, prompts, new_tokens, label, ga
     from runtime.reference import ReferencePair
 
     fp32 = EagerBackend(ref.target, ref.drafter, layout["max_context"], layout["max_draft"])
-    q = quality_report(backend, fp32, ReferencePair(ref.target, ref.drafter), prompts, new_tokens, layout["max_draft"])
+    q = quality_report(
+        backend, fp32, ReferencePair(ref.target, ref.drafter), prompts, new_tokens, layout["max_draft"], extra_prompts
+    )
     report.add(f"{label}: top-1 agreement vs fp32", q["top1_agreement"] >= gates.min_top1_agreement,
                f"{q['top1_agreement']:.4f} (gate >= {gates.min_top1_agreement})", q["top1_agreement"])
     report.add(f"{label}: mean KL vs fp32", q["mean_kl"] <= gates.max_mean_kl,
                f"{q['mean_kl']:.5f} (gate <= {gates.max_mean_kl})", q["mean_kl"])
     report.add(f"{label}: speculative k=1..{layout['max_draft']} == own greedy", q["speculative_equals_own_greedy"],
                f"{len(prompts)} prompts x {new_tokens} tokens")
-    drop = q["max_accepted_length_drop"]
-    report.add(f"{label}: accepted length vs fp32 pair", drop <= gates.max_accepted_length_drop,
-               f"largest drop {100 * drop:.1f}% (gate {100 * gates.max_accepted_length_drop:.0f}%)", drop)
+    drop = q["accepted_length_by_draft_tokens"][draft_tokens]["relative_drop"]
+    report.add(f"{label}: accepted length at {draft_tokens} drafts vs fp32 pair", drop <= gates.max_accepted_length_drop,
+               f"drop {100 * drop:.1f}% (gate {100 * gates.max_accepted_length_drop:.0f}%)", drop)
     outcomes = {"none": 0, "some": 0, "all": 0}
 
     def count(pos, drafts, accepted):
@@ -366,7 +368,13 @@ def main(argv=None) -> int:
             manifest = json.loads((artifacts.parent / "manifest.json").read_text())
             gates = gates or load_target(manifest["target"]).gates
             print(f"parity: {name} {artifacts} (quantized) vs fp32 transformers, against the target's gates")
-            check_quantized(report, ref, backend, backend.layout, [p for _, p in prompts], args.new_tokens, name, gates)
+            from calibration.quality import CALIBRATION
+
+            calib = [tok.encode(p.read_text()).ids[:448] for p in CALIBRATION]
+            check_quantized(
+                report, ref, backend, backend.layout, [p for _, p in prompts], args.new_tokens, name, gates,
+                manifest["draft_tokens"], calib,
+            )
             continue
         print(f"parity: {name} {artifacts} vs transformers, tolerance rel {RTOL:g}")
         for stem, ids in prompts:
