@@ -5,7 +5,12 @@ Quality, on the held-out prompts (each past two sliding windows):
 - top-1 agreement and mean KL(fp32 || exported) of the target's next-token distributions,
   teacher-forced over prompt + the fp32 greedy continuation (the reference is transformers);
 - speculative output of the exported pair equal to the exported target's own greedy output
-  (exact tokens, every draft length 1..max_draft);
+  (every draft length 1..max_draft). Exact up to near-ties: a program whose verify pass
+  (k+1 rows) and decode step (1 row) give different logits for the same position (int8
+  dynamic activations: measured here up to ~0.05) may take the other branch of a near-tie;
+  a divergence is allowed only where the greedy top-2 logit gap is within twice that
+  measured difference (`batch_variance`; fp32 programs measure ~1e-5, so they are held to
+  exact equality in practice);
 - mean accepted length of the exported pair against the fp32 pair in the same loop
   (runtime/eager_backend.py: the export modules in fp32 eager PyTorch), over the held-out
   and the calibration prompts, for every draft length; gated at the deployed one.
@@ -50,6 +55,68 @@ def distribution_metrics(logits: np.ndarray, ref_logits: np.ndarray) -> dict:
     return {"top1_agreement": round(top1, 5), "mean_kl": round(kl, 6), "positions": int(len(logits))}
 
 
+def batch_variance(backend, ids: list[int], windows: int = 24, k: int = 4) -> float:
+    """max |logits of a (k)-token verify pass - logits of the same positions decoded one by
+    one|: how far a program's verify and decode results differ for identical inputs (fp32
+    programs: ~1e-5; dynamic int8 activations: ~1e-2, the rows take different kernels and a
+    1-ulp difference can cross an int8 rounding boundary)."""
+    greedy, _, _ = greedy_generate(backend, ids, windows * k + 1)
+    seq = list(ids) + greedy
+    worst = 0.0
+    for w in range(windows):
+        p = len(ids) + w * k
+        backend.reset()
+        backend.target(seq[:p], 0)
+        decoded = np.concatenate([backend.target([seq[p + j]], p + j)[0] for j in range(k)])
+        verified, _ = backend.target(seq[p : p + k], p)
+        worst = max(worst, float(np.abs(verified - decoded).max()))
+    return worst
+
+
+class _Logits:
+    """Wraps a backend, keeping the last row of every target call (greedy: one per token)."""
+
+    def __init__(self, backend):
+        self.backend, self.rows = backend, []
+        self.name, self.eos_token_ids = backend.name, backend.eos_token_ids
+
+    def reset(self):
+        self.rows = []
+        self.backend.reset()
+
+    def target(self, ids, start):
+        logits, hidden = self.backend.target(ids, start)
+        self.rows.append(logits[-1])
+        return logits, hidden
+
+    def draft(self, token, state, position):
+        return self.backend.draft(token, state, position)
+
+
+def compare_speculative(backend, ids, new_tokens, max_draft, tie: float, fp32_backend=None):
+    """Speculative output (k = 1..max_draft) against the backend's own greedy output. A
+    divergence counts as a near-tie (allowed) only where the greedy top-2 logit gap is
+    within `tie`; anything else is a mismatch. Returns (rows, accepted lengths per k,
+    fp32 accepted lengths per k)."""
+    wrapped = _Logits(backend)
+    greedy, _, _ = greedy_generate(wrapped, ids, new_tokens)
+    gaps = [float(np.diff(np.sort(r)[-2:])[0]) for r in wrapped.rows]
+    rows, mal, mal_fp32 = [], {}, {}
+    for k in range(1, max_draft + 1):
+        spec, stats, _ = speculative_generate(backend, ids, new_tokens, k)
+        mal[k] = stats.mean_accepted_length
+        if fp32_backend is not None:
+            mal_fp32[k] = speculative_generate(fp32_backend, ids, new_tokens, k)[1].mean_accepted_length
+        if spec == greedy:
+            rows.append({"draft_tokens": k, "outcome": "identical"})
+            continue
+        i = next((i for i, (a, b) in enumerate(zip(spec, greedy)) if a != b), min(len(spec), len(greedy)))
+        gap = gaps[i] if i < len(gaps) else float("inf")
+        outcome = "near-tie" if gap <= tie else "mismatch"
+        rows.append({"draft_tokens": k, "outcome": outcome, "first_difference": i, "greedy_top2_gap": round(gap, 6)})
+    return rows, mal, mal_fp32
+
+
 def quality_report(
     backend,
     fp32_backend,
@@ -65,16 +132,17 @@ def quality_report(
     import torch
 
     agree, kls, positions = [], [], 0
-    spec_equal, mal, mal_fp32 = True, {}, {}
+    mal, mal_fp32, comparisons = {}, {}, []
     per_prompt = []
-    for ids in extra_prompts:
-        own_greedy, _, _ = greedy_generate(backend, ids, new_tokens)
-        for k in range(1, max_draft + 1):
-            spec, stats, _ = speculative_generate(backend, ids, new_tokens, k)
-            _, fp32_stats, _ = speculative_generate(fp32_backend, ids, new_tokens, k)
-            spec_equal &= spec == own_greedy
-            mal.setdefault(k, []).append(stats.mean_accepted_length)
-            mal_fp32.setdefault(k, []).append(fp32_stats.mean_accepted_length)
+    # the near-tie allowance: twice this program's measured verify/decode difference
+    variance = batch_variance(backend, prompts[0])
+    tie = 2 * variance
+    for ids in list(prompts) + list(extra_prompts):
+        rows, m, m32 = compare_speculative(backend, ids, new_tokens, max_draft, tie, fp32_backend)
+        comparisons += rows
+        for k in m:
+            mal.setdefault(k, []).append(m[k])
+            mal_fp32.setdefault(k, []).append(m32[k])
     for ids in prompts:
         greedy_ref, _ = reference.generate(ids, new_tokens, 0, stop_at_eos=False)
         seq = list(ids) + greedy_ref[:-1]
@@ -87,14 +155,7 @@ def quality_report(
         kls.append(m["mean_kl"] * m["positions"])
         positions += m["positions"]
         own_greedy, _, _ = greedy_generate(backend, ids, new_tokens)
-        row = {"prompt_tokens": len(ids), **m, "greedy_equals_fp32_greedy": own_greedy == greedy_ref}
-        for k in range(1, max_draft + 1):
-            spec, stats, _ = speculative_generate(backend, ids, new_tokens, k)
-            _, fp32_stats, _ = speculative_generate(fp32_backend, ids, new_tokens, k)
-            spec_equal &= spec == own_greedy
-            mal.setdefault(k, []).append(stats.mean_accepted_length)
-            mal_fp32.setdefault(k, []).append(fp32_stats.mean_accepted_length)
-        per_prompt.append(row)
+        per_prompt.append({"prompt_tokens": len(ids), **m, "greedy_equals_fp32_greedy": own_greedy == greedy_ref})
     by_k = {
         k: {
             "mean_accepted_length": round(statistics.mean(mal[k]), 4),
@@ -109,7 +170,14 @@ def quality_report(
         "new_tokens": new_tokens,
         "top1_agreement": round(sum(agree) / positions, 5),
         "mean_kl": round(sum(kls) / positions, 6),
-        "speculative_equals_own_greedy": spec_equal,
+        "speculative_equals_own_greedy": all(r["outcome"] != "mismatch" for r in comparisons),
+        "speculative_runs": {
+            "identical": sum(r["outcome"] == "identical" for r in comparisons),
+            "near_tie": [r for r in comparisons if r["outcome"] == "near-tie"],
+            "mismatch": [r for r in comparisons if r["outcome"] == "mismatch"],
+        },
+        "verify_decode_max_logit_difference": round(variance, 7),
+        "near_tie_gap": round(tie, 7),
         "accepted_length_by_draft_tokens": by_k,
         "accepted_length_prompts": len(prompts) + len(extra_prompts),
     }
@@ -135,7 +203,12 @@ def check_gates(report: dict, gates, label: str, draft_tokens: int) -> list[str]
             f"(gate {100 * gates.max_accepted_length_drop:.1f}%)"
         )
     if not report["speculative_equals_own_greedy"]:
-        misses.append(f"{label}: speculative output differs from the target's own greedy output")
+        first = report["speculative_runs"]["mismatch"][0]
+        misses.append(
+            f"{label}: speculative output leaves the target's own greedy output at new token "
+            f"{first['first_difference']} (k={first['draft_tokens']}) where the greedy top-2 gap "
+            f"{first['greedy_top2_gap']:.4f} exceeds the near-tie allowance {report['near_tie_gap']:.4f}"
+        )
     return misses
 
 

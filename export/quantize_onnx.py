@@ -1,8 +1,10 @@
 """ONNX side of the quantization recipe (export/quantize.py has the ExecuTorch side):
-onnxruntime's MatMulNBits quantizer on the exported graphs, the linears to 4-bit symmetric
-blocks of `block_size` along the input dim computing with int8 activations (accuracy_level
-4: the same 8-bit-activation / 4-bit-weight recipe), the target's `keep_8bit` linears to
-8-bit. Kept apart from export/quantize.py so that the cached ExecuTorch programs (keyed by
+onnxruntime's MatMulNBits quantizer on the exported graphs, the linears to 4-bit blocks of
+`block_size` along the input dim (HQQ, as the torchao side), the target's `keep_8bit`
+linears to 8-bit. Computed in fp32 (accuracy_level 0), not with int8 activations
+(accuracy_level 4): with level 4 the verify pass (k+1 rows) and the decode step (1 row)
+took different kernel paths and a speculative run left the quantized target's own greedy
+output at a near-tie (seen once on the demo pair); exact speculative output comes first. Kept apart from export/quantize.py so that the cached ExecuTorch programs (keyed by
 their exporter's sources) do not depend on it.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ACCURACY_LEVEL = 0
+ACCURACY_LEVEL = 0  # fp32 compute: see the module docstring
 
 
 def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tuple = ()) -> dict:

@@ -312,8 +312,10 @@ def check_quantized(report, ref, backend, layout, prompts, new_tokens, label, ga
                f"{q['top1_agreement']:.4f} (gate >= {gates.min_top1_agreement})", q["top1_agreement"])
     report.add(f"{label}: mean KL vs fp32", q["mean_kl"] <= gates.max_mean_kl,
                f"{q['mean_kl']:.5f} (gate <= {gates.max_mean_kl})", q["mean_kl"])
+    runs = q["speculative_runs"]
     report.add(f"{label}: speculative k=1..{layout['max_draft']} == own greedy", q["speculative_equals_own_greedy"],
-               f"{len(prompts)} prompts x {new_tokens} tokens")
+               f"{runs['identical']} runs identical, {len(runs['near_tie'])} part at a near-tie "
+               f"(gap <= {q['near_tie_gap']:.4f}), {len(runs['mismatch'])} mismatches")
     drop = q["accepted_length_by_draft_tokens"][draft_tokens]["relative_drop"]
     report.add(f"{label}: accepted length at {draft_tokens} drafts vs fp32 pair", drop <= gates.max_accepted_length_drop,
                f"drop {100 * drop:.1f}% (gate {100 * gates.max_accepted_length_drop:.0f}%)", drop)
