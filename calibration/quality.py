@@ -212,7 +212,7 @@ def check_gates(report: dict, gates, label: str, draft_tokens: int) -> list[str]
     return misses
 
 
-def _median_ms(fn, repeats: int = 25, warmup: int = 3) -> float:
+def median_ms(fn, repeats: int = 25, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -227,10 +227,10 @@ def measure_step_costs(backend, context: list[int], max_draft: int) -> dict:
     backend.reset()
     _, hidden = backend.target(context, 0)
     pos, tok, state = len(context), context[-1], hidden[-1]
-    costs = {"decode_ms": _median_ms(lambda: backend.target([tok], pos))}
+    costs = {"decode_ms": median_ms(lambda: backend.target([tok], pos))}
     for k in range(1, max_draft + 1):
-        costs[f"verify{k + 1}_ms"] = _median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
-    costs["draft_ms"] = _median_ms(lambda: backend.draft(tok, state, pos))
+        costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
+    costs["draft_ms"] = median_ms(lambda: backend.draft(tok, state, pos))
     return {k: round(v, 3) for k, v in costs.items()}
 
 

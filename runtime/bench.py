@@ -1,10 +1,11 @@
 """`make bench`: speed of greedy and speculative decoding, measured side by side in one run.
 
 Steps:
-1. load the pair (transformers reference) and the ONNX export (cached by its inputs);
+1. load the pair (transformers reference) and the ONNX and ExecuTorch exports (cached by
+   their inputs; `--backend` picks one);
 2. per-step latency at a context past two sliding windows: target decode (1 token), target
-   verify (k+1 tokens) and one drafter step, in onnxruntime and in PyTorch eager
-   (transformers), median of repeated calls;
+   verify (k+1 tokens) and one drafter step, in onnxruntime, ExecuTorch and PyTorch eager
+   (transformers), median of repeated calls (calibration/quality.py `measure_step_costs`);
 3. generation on the held-out prompts, `--new-tokens` each (EOS ignored), greedy and
    speculative for each draft length, runs interleaved and repeated:
    decode tokens/s over the prompt set = total (new tokens - 1) / total time after the
@@ -21,38 +22,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from calibration.quality import measure_step_costs as step_costs
+from calibration.quality import median_ms
 from runtime.loop import StepTimer, greedy_generate, speculative_generate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
-
-
-def median_ms(fn, repeats: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def step_costs(backend, context: list[int], max_draft: int) -> dict[str, float]:
-    """Latency of each kind of step at position len(context) (rollback keeps caches valid)."""
-    backend.reset()
-    _, hidden = backend.target(context, 0)
-    pos, tok, state = len(context), context[-1], hidden[-1]
-    costs = {"decode_ms": median_ms(lambda: backend.target([tok], pos))}
-    for k in range(1, max_draft + 1):
-        costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
-    costs["draft_ms"] = median_ms(lambda: backend.draft(tok, state, pos))
-    return costs
 
 
 @torch.no_grad()
