@@ -72,20 +72,11 @@ def _checkpoint_digest(directory: Path) -> dict:
 
 
 def _versions() -> dict:
-    import executorch
-    import onnx
-    import onnxruntime
-    import torch
-    import torchao
-    import transformers
+    from importlib.metadata import version
 
     return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "executorch": getattr(executorch, "__version__", "1.5.1"),
-        "torchao": torchao.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        name: version(name)
+        for name in ("torch", "transformers", "executorch", "torchao", "onnx", "onnxruntime", "coremltools")
     }
 
 
