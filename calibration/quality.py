@@ -35,6 +35,11 @@ from runtime.loop import greedy_generate, speculative_generate
 HERE = Path(__file__).resolve().parent
 HELDOUT = sorted((HERE / "prompts").glob("heldout_*.py"))
 CALIBRATION = sorted((HERE / "prompts").glob("calib_*.py"))
+CALIBRATION_PROMPT_TOKENS = 448  # the head of each calibration prompt (past two demo windows)
+
+
+def calibration_prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p.read_text()).ids[:CALIBRATION_PROMPT_TOKENS] for p in CALIBRATION]
 
 
 class GateError(RuntimeError):
@@ -97,7 +102,7 @@ def compare_speculative(backend, ids, new_tokens, max_draft, tie: float, fp32_ba
     """Speculative output (k = 1..max_draft) against the backend's own greedy output. A
     divergence counts as a near-tie (allowed) only where the greedy top-2 logit gap is
     within `tie`; anything else is a mismatch. Returns (rows, accepted lengths per k,
-    fp32 accepted lengths per k)."""
+    fp32 accepted lengths per k, the greedy output)."""
     wrapped = _Logits(backend)
     greedy, _, _ = greedy_generate(wrapped, ids, new_tokens)
     gaps = [float(np.diff(np.sort(r)[-2:])[0]) for r in wrapped.rows]
@@ -114,7 +119,7 @@ def compare_speculative(backend, ids, new_tokens, max_draft, tie: float, fp32_ba
         gap = gaps[i] if i < len(gaps) else float("inf")
         outcome = "near-tie" if gap <= tie else "mismatch"
         rows.append({"draft_tokens": k, "outcome": outcome, "first_difference": i, "greedy_top2_gap": round(gap, 6)})
-    return rows, mal, mal_fp32
+    return rows, mal, mal_fp32, greedy
 
 
 def quality_report(
@@ -137,13 +142,15 @@ def quality_report(
     # the near-tie allowance: twice this program's measured verify/decode difference
     variance = batch_variance(backend, prompts[0])
     tie = 2 * variance
+    own_greedy = []
     for ids in list(prompts) + list(extra_prompts):
-        rows, m, m32 = compare_speculative(backend, ids, new_tokens, max_draft, tie, fp32_backend)
+        rows, m, m32, greedy = compare_speculative(backend, ids, new_tokens, max_draft, tie, fp32_backend)
+        own_greedy.append(greedy)
         comparisons += rows
         for k in m:
             mal.setdefault(k, []).append(m[k])
             mal_fp32.setdefault(k, []).append(m32[k])
-    for ids in prompts:
+    for ids, own in zip(prompts, own_greedy):
         greedy_ref, _ = reference.generate(ids, new_tokens, 0, stop_at_eos=False)
         seq = list(ids) + greedy_ref[:-1]
         with torch.no_grad():
@@ -154,8 +161,7 @@ def quality_report(
         agree.append(m["top1_agreement"] * m["positions"])
         kls.append(m["mean_kl"] * m["positions"])
         positions += m["positions"]
-        own_greedy, _, _ = greedy_generate(backend, ids, new_tokens)
-        per_prompt.append({"prompt_tokens": len(ids), **m, "greedy_equals_fp32_greedy": own_greedy == greedy_ref})
+        per_prompt.append({"prompt_tokens": len(ids), **m, "greedy_equals_fp32_greedy": own == greedy_ref})
     by_k = {
         k: {
             "mean_accepted_length": round(statistics.mean(mal[k]), 4),

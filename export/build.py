@@ -38,7 +38,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 QUALITY_NEW_TOKENS = 128
 CALIBRATION_NEW_TOKENS = 128
-CALIBRATION_PROMPT_TOKENS = 448  # the head of each calibration prompt (past two demo windows)
 
 
 class ExportError(ValueError):
@@ -131,7 +130,14 @@ def build_target(
     check_tokens: int = 64,
     targets_dir: Path | None = None,
 ) -> Path:
-    from calibration.quality import CALIBRATION, HELDOUT, GateError, calibrate_draft_length, check_gates, quality_report
+    from calibration.quality import (
+        HELDOUT,
+        GateError,
+        calibrate_draft_length,
+        calibration_prompts,
+        check_gates,
+        quality_report,
+    )
     from export.checkpoint import load_pair
     from export.onnx_export import copy_tokenizer, export_onnx
     from export.targets import load_target
@@ -152,7 +158,7 @@ def build_target(
         raise ExportError("a deployment export needs the drafter: pass ASSISTANT=<dir>")
     tok = load_tokenizer(checkpoint)
     heldout = [tok.encode(p.read_text()).ids for p in HELDOUT]
-    calib = [tok.encode(p.read_text()).ids[:CALIBRATION_PROMPT_TOKENS] for p in CALIBRATION] or heldout
+    calib = calibration_prompts(tok) or heldout
     longest = max(len(p) for p in heldout + calib) + max(QUALITY_NEW_TOKENS, CALIBRATION_NEW_TOKENS) + 1
     if longest > target_cfg.max_context:
         raise ExportError(f"max_context {target_cfg.max_context} of {name!r} is below the check prompts ({longest})")

@@ -370,9 +370,9 @@ def main(argv=None) -> int:
             manifest = json.loads((artifacts.parent / "manifest.json").read_text())
             gates = gates or load_target(manifest["target"]).gates
             print(f"parity: {name} {artifacts} (quantized) vs fp32 transformers, against the target's gates")
-            from calibration.quality import CALIBRATION
+            from calibration.quality import calibration_prompts
 
-            calib = [tok.encode(p.read_text()).ids[:448] for p in CALIBRATION]
+            calib = calibration_prompts(tok)
             check_quantized(
                 report, ref, backend, backend.layout, [p for _, p in prompts], args.new_tokens, name, gates,
                 manifest["draft_tokens"], calib,
