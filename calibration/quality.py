@@ -18,8 +18,9 @@ Gates from the deployment target fail the export with a message naming each miss
 
 Draft-length calibration, on the calibration prompts: P(at least i drafts accepted) for
 i = 1..max_draft from speculative runs at max_draft; the target decode, verify(k+1) and
-drafter step costs; predicted tokens/s(k) = (1 + sum_{i<=k} P(a >= i)) / (verify(k+1) +
-k * draft), and the k that maximises it.
+drafting costs (a drafting-round call of k drafts where the backend has one, else k drafter
+steps); predicted tokens/s(k) = (1 + sum_{i<=k} P(a >= i)) / (verify(k+1) + drafting(k)),
+and the k that maximises it.
 """
 
 from __future__ import annotations
@@ -237,7 +238,16 @@ def measure_step_costs(backend, context: list[int], max_draft: int) -> dict:
     for k in range(1, max_draft + 1):
         costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
     costs["draft_ms"] = median_ms(lambda: backend.draft(tok, state, pos))
+    if hasattr(backend, "draft_tokens"):  # a whole drafting round in one call
+        for k in range(1, max_draft + 1):
+            costs[f"draft_round{k}_ms"] = median_ms(lambda k=k: backend.draft_tokens(tok, state, pos, k))
     return {k: round(v, 3) for k, v in costs.items()}
+
+
+def drafting_ms(costs: dict, k: int) -> float:
+    """Cost of drafting k tokens: one drafting-round call where the backend has it (and it
+    was measured), else k drafter steps."""
+    return costs.get(f"draft_round{k}_ms", k * costs["draft_ms"])
 
 
 def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, max_draft: int, step_costs=None) -> dict:
@@ -265,7 +275,7 @@ def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, m
     predicted = {}
     for k in range(1, max_draft + 1):
         tokens_per_round = 1 + sum(p_at_least[:k])
-        ms = costs[f"verify{k + 1}_ms"] + k * costs["draft_ms"]
+        ms = costs[f"verify{k + 1}_ms"] + drafting_ms(costs, k)
         predicted[k] = round(1000 * tokens_per_round / ms, 1)
     best = max(predicted, key=predicted.get)
     greedy = round(1000 / costs["decode_ms"], 1)

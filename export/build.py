@@ -8,7 +8,7 @@ Steps (progress printed as [i/n]):
 3. ExecuTorch (if the target has [executorch]): the pair program `executorch/pair.pte`
    (target and drafter methods sharing caches and the embedding table, runner metadata),
    quantized per the target; its fp32 twin (cached) gives the size reduction;
-4. ONNX (if [onnx]): `onnx/{embed,target,drafter}.onnx` + external data, 4-bit MatMulNBits
+4. ONNX (if [onnx]): `onnx/{embed,target,drafter,drafter_k*}.onnx` + external data, 4-bit MatMulNBits
    per the target;
 5. draft-length calibration: acceptance per draft position and step costs, the predicted
    best draft length (or the target's fixed one);
@@ -139,7 +139,7 @@ def build_target(
         quality_report,
     )
     from export.checkpoint import load_pair
-    from export.onnx_export import copy_tokenizer, export_onnx
+    from export.onnx_export import copy_tokenizer, export_onnx, graph_order, share_weights
     from export.targets import load_target
     from runtime.eager_backend import EagerBackend
     from runtime.generate import load_tokenizer
@@ -197,7 +197,12 @@ def build_target(
             if ox.linear == "int4":
                 from export.quantize_onnx import quantize_onnx_graph
 
-                counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in ("target.onnx", "drafter.onnx")}
+                # last graph first: a graph's shared tensors live in files of graphs before it,
+                # so each one is read before its file is rewritten; then shared again
+                graphs = [g for g in graph_order(d) if g != "embed.onnx"]
+                counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in reversed(graphs)}
+                counts = {g: counts[g] for g in graphs}
+                share_weights(d)
                 quant["onnx"] = {
                     "linear": "int4 MatMulNBits",
                     "block_size": ox.block_size,

@@ -11,6 +11,9 @@ Steps:
    - `draft_step(token [1, 1], state [1, 1, H], input_pos [1])` -> logits, projected state:
      the drafter reads the caches the target methods wrote and embeds its token with the
      program's one embedding table;
+   - `draft_k{k}(token, state, input_pos)` -> draft tokens [1, k] for k = 1..max_draft: a
+     whole drafting round in one call (`DraftTokens`: k steps, argmax inside), the
+     runtime's fast path;
 3. lowered to XNNPACK (portable kernels as fallback) with mutable buffers shared between the
    methods, metadata as constant methods; the delegated share per method is printed.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from export.config import FULL, SLIDING, TargetSpec
-from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
+from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
 
 
 class EtPair(torch.nn.Module):
@@ -52,18 +55,18 @@ class EtPair(torch.nn.Module):
             buf.copy_(new)
         return logits, hidden
 
-    def run_draft(self, token, state, input_pos):
+    def shared_caches(self) -> list[torch.Tensor]:
         producers = self.layout.attention.kv_producers()
         full, sliding = producers[FULL], producers[SLIDING]
+        return [getattr(self, f"{kv}_cache_{i}") for i in (full, sliding) for kv in ("k", "v")]
+
+    def run_draft(self, token, state, input_pos):
         embeds, _ = self.embed(token)
-        return self.draft(
-            torch.cat([embeds, state], dim=-1),
-            input_pos[None],
-            getattr(self, f"k_cache_{full}"),
-            getattr(self, f"v_cache_{full}"),
-            getattr(self, f"k_cache_{sliding}"),
-            getattr(self, f"v_cache_{sliding}"),
-        )
+        return self.draft(torch.cat([embeds, state], dim=-1), input_pos[None], *self.shared_caches())
+
+    def run_draft_round(self, token, state, input_pos, steps: int):
+        rounds = DraftTokens(self.draft, self.embed.embed_tokens, steps)
+        return rounds(token, state, input_pos[None], *self.shared_caches())
 
 
 class _Forward(torch.nn.Module):
@@ -85,6 +88,15 @@ class _TargetStep(_Forward):
 class _DraftStep(_Forward):
     def forward(self, token, state, input_pos):
         return self.pair.run_draft(token, state, input_pos)
+
+
+class _DraftRound(_Forward):
+    def __init__(self, pair: EtPair, steps: int):
+        super().__init__(pair)
+        self.steps = steps
+
+    def forward(self, token, state, input_pos):
+        return self.pair.run_draft_round(token, state, input_pos, self.steps)
 
 
 class _ResetCaches(_Forward):
@@ -210,7 +222,9 @@ def export_executorch(
         if drafter is not None:
             state = torch.zeros(1, 1, spec.hidden_size)
             programs["draft_step"] = torch.export.export(_DraftStep(pair), (ids[:, :1], state, pos))
-            print("[executorch] exported draft_step", flush=True)
+            for k in range(1, max_draft + 1):
+                programs[f"draft_k{k}"] = torch.export.export(_DraftRound(pair, k), (ids[:, :1], state, pos))
+            print(f"[executorch] exported draft_step, draft_k1..draft_k{max_draft}", flush=True)
         programs["reset_caches"] = torch.export.export(_ResetCaches(pair), ())
         programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
     eos = target.generation_config.eos_token_id

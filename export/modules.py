@@ -345,9 +345,9 @@ class DrafterStep(nn.Module):
             # the head's rows as a table (gathered per step): quantizable like an embedding
             self.candidate_rows = nn.Embedding.from_pretrained(drafter.lm_head.weight.detach(), freeze=True)
 
-    def forward(self, inputs_embeds, position_ids, full_k, full_v, sliding_k, sliding_v):
-        d = self.drafter
-        m = d.model
+    def context(self, position_ids, full_k, full_v, sliding_k, sliding_v) -> dict:
+        """What every step at this position shares: masks, RoPE, the grouped shared K/V."""
+        m = self.drafter.model
         positions = position_ids[0]  # [1]
         start = positions[0]
         kv = {FULL: (full_k, full_v), SLIDING: (sliding_k, sliding_v)}
@@ -356,34 +356,84 @@ class DrafterStep(nn.Module):
         full_allowed = (torch.arange(self.layout.max_context) < start)[None, :]
         ring_pos = self.layout.ring_positions(start)
         sliding_allowed = ((ring_pos >= 0) & (ring_pos >= start - 1 - self.window))[None, :]
-        bias = _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)})
         types = set(self.layer_types)
-        rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in types}
-        grouped = {t: _grouped(*kv[t]) for t in types}  # once per cache, for all layers
+        return {
+            "bias": _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)}),
+            "rope": {t: _cos_sin(m.rotary_emb, t, positions) for t in types},
+            "kv": {t: _grouped(*kv[t]) for t in types},  # once per cache, for all layers
+        }
 
+    def body(self, inputs_embeds, ctx: dict):
+        """-> final-normed hidden (input of the head), projected state."""
+        d = self.drafter
+        m = d.model
         h = d.pre_projection(inputs_embeds)
         for i, layer in enumerate(m.layers):
             lt = self.layer_types[i]
             attn = layer.self_attn
             x = self.ops.rms(layer.input_layernorm, h)
             q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim))
-            q = _rope(q, *rope[lt], getattr(self, f"rot_{lt}")).transpose(1, 2)
-            out = _attend(q, *grouped[lt], bias.get(lt, q, grouped[lt][0]))
+            q = _rope(q, *ctx["rope"][lt], getattr(self, f"rot_{lt}")).transpose(1, 2)
+            kv = ctx["kv"][lt]
+            out = _attend(q, *kv, ctx["bias"].get(lt, q, kv[0]))
             h = self.ops.layer_tail(layer, h, out, None)
         h = self.ops.rms(m.norm, h)
-        state = d.post_projection(h)
-        if d.masked_embedding is None:
-            return d.lm_head(h), state
+        return h, d.post_projection(h)
+
+    def forward(self, inputs_embeds, position_ids, full_k, full_v, sliding_k, sliding_v):
+        h, state = self.body(inputs_embeds, self.context(position_ids, full_k, full_v, sliding_k, sliding_v))
+        if self.drafter.masked_embedding is None:
+            return self.drafter.lm_head(h), state
         return self.centroid_logits(h), state
 
-    def centroid_logits(self, h):
-        """The ordered-embedding head: score the tokens of the top-k centroids, fill the rest
-        with a constant below any candidate (argmax-equivalent to transformers' min - 1)."""
+    def choose(self, h) -> torch.Tensor:
+        """The greedy draft token [1, 1] (int64) without building vocabulary-wide logits: the
+        argmax over the centroid head's candidates (or over the dense head)."""
+        if self.drafter.masked_embedding is None:
+            return torch.argmax(self.drafter.lm_head(h)[0], dim=-1, keepdim=True)
+        candidates, scores = self._candidate_scores(h)
+        return candidates[torch.argmax(scores, dim=-1)].reshape(1, 1)
+
+    def _candidate_scores(self, h):
         me = self.drafter.masked_embedding
         _, top = torch.topk(me.centroids(h), k=self.top_k, dim=-1)  # [1, 1, top_k]
         candidates = self.clusters[top[0, 0]].reshape(-1)  # [top_k * per_centroid]
         weights = self.candidate_rows(candidates)  # [C, D]
         scores = torch.bmm(h[0][None], weights.T[None])[0]  # [1, C] (bmm: delegable with gathered weights)
-        full = torch.full((1, me.vocab_size), NEG, dtype=h.dtype)
+        return candidates, scores
+
+    def centroid_logits(self, h):
+        """The ordered-embedding head: score the tokens of the top-k centroids, fill the rest
+        with a constant below any candidate (argmax-equivalent to transformers' min - 1)."""
+        candidates, scores = self._candidate_scores(h)
+        full = torch.full((1, self.drafter.masked_embedding.vocab_size), NEG, dtype=h.dtype)
         full = full.index_copy(1, candidates, scores)
         return full[None]
+
+
+class DraftTokens(nn.Module):
+    """`steps` greedy drafter steps in one call: token [1, 1] (int64), state [1, 1, H] (the
+    target's hidden state), position_ids [1, 1], the shared caches -> draft tokens [1, steps].
+
+    Step i embeds the previous token with the target's table (`embed_tokens`, the same
+    weights the target's embedding lookup uses: exporters store it once), runs the drafter
+    body and picks the argmax inside the graph; masks, RoPE and the grouped K/V are built
+    once for all steps (every step of a round sits at the same position). Token for token
+    the chain `DrafterStep` + argmax gives, in one call instead of `steps`."""
+
+    def __init__(self, step: DrafterStep, embed_tokens: nn.Module, steps: int):
+        super().__init__()
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        self.step = step
+        self.embed_tokens = embed_tokens
+        self.steps = steps
+
+    def forward(self, token, state, position_ids, full_k, full_v, sliding_k, sliding_v):
+        ctx = self.step.context(position_ids, full_k, full_v, sliding_k, sliding_v)
+        tokens = []
+        for _ in range(self.steps):
+            h, state = self.step.body(torch.cat([self.embed_tokens(token), state], dim=-1), ctx)
+            token = self.step.choose(h)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)

@@ -9,10 +9,16 @@ Steps:
      past_key_values.{i}.key/value (cache owners only) -> logits, last_hidden_state,
      present.{i}.key/value; the token count is dynamic (prefill chunk, decode, verify);
    - `drafter.onnx`: inputs_embeds, position_ids, shared_kv.{full,sliding}_attention.{key,value}
-     -> logits, projected_state;
+     -> logits, projected_state (one step, the community layout);
+   - `drafter_k{k}.onnx` for k = 1..max_draft: input_ids, state, position_ids, shared_kv.*
+     -> draft_tokens [1, k]: a whole drafting round in one call (`DraftTokens`: token
+     embedding, k steps, argmax inside), the runtime's fast path;
 3. `onnx.checker` on each graph, then `check_graphs`: names, opset and cache shapes as the
    layout says (sliding caches have window + max_draft + 1 slots);
-4. `layout.json` records what a runtime needs (names, shapes, producers, ids, sizes).
+4. external data deduplicated across graphs (export/onnx_data.py): a tensor several graphs
+   hold (the token embedding table: embed + drafter_k graphs; the drafter weights) is
+   stored once and listed in `layout.json` so the runtime loads it once for all sessions;
+5. `layout.json` records what a runtime needs (names, shapes, producers, ids, sizes).
 """
 
 from __future__ import annotations
@@ -25,10 +31,27 @@ from pathlib import Path
 import torch
 
 from export.config import FULL, SLIDING, TargetSpec
-from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
+from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
+from export.onnx_data import dedup_external_data
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
 LAYOUT_FILE = "layout.json"
+SHARED_KV_NAMES = [f"shared_kv.{t}.{kv}" for t in (FULL, SLIDING) for kv in ("key", "value")]
+
+
+def draft_graph_name(k: int) -> str:
+    return f"drafter_k{k}.onnx"
+
+
+def graph_order(out_dir: Path) -> list[str]:
+    """The graphs of an export directory in a fixed order (first holder of a shared tensor
+    keeps it)."""
+    names = ["embed.onnx", "target.onnx", "drafter.onnx"]
+    k = 1
+    while (Path(out_dir) / draft_graph_name(k)).exists():
+        names.append(draft_graph_name(k))
+        k += 1
+    return [n for n in names if (Path(out_dir) / n).exists()]
 
 
 class _ListCaches(torch.nn.Module):
@@ -132,15 +155,36 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
                 dstep,
                 (inp, torch.tensor([[n]]), *shared),
                 out_dir / "drafter.onnx",
-                ["inputs_embeds", "position_ids", "shared_kv.full_attention.key", "shared_kv.full_attention.value",
-                 "shared_kv.sliding_attention.key", "shared_kv.sliding_attention.value"],
+                ["inputs_embeds", "position_ids", *SHARED_KV_NAMES],
                 ["logits", "projected_state"],
             )
+            print(f"[onnx] drafting-round graphs k = 1..{max_draft}", flush=True)
+            state = torch.zeros(1, 1, spec.hidden_size)
+            for k in range(1, max_draft + 1):
+                _export(
+                    DraftTokens(dstep, target.model.embed_tokens, k).eval(),
+                    (ids[:, :1], state, torch.tensor([[n]]), *shared),
+                    out_dir / draft_graph_name(k),
+                    ["input_ids", "state", "position_ids", *SHARED_KV_NAMES],
+                    ["draft_tokens"],
+                )
 
     info = layout_dict(target, drafter, layout)
     (out_dir / LAYOUT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    share_weights(out_dir)
     check_graphs(out_dir)
     return info
+
+
+def share_weights(out_dir: Path) -> dict:
+    """Store every tensor that several graphs hold once and record the sharing in
+    layout.json (`shared_initializers`); run again after any rewrite of the graphs."""
+    out_dir = Path(out_dir)
+    shared = dedup_external_data(out_dir, graph_order(out_dir))
+    info = json.loads((out_dir / LAYOUT_FILE).read_text())
+    info["shared_initializers"] = shared
+    (out_dir / LAYOUT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return shared
 
 
 def check_graphs(out_dir: Path) -> None:
@@ -178,6 +222,15 @@ def check_graphs(out_dir: Path) -> None:
         d_ins, d_outs = io(out_dir / "drafter.onnx")
         if set(d_outs) != {"logits", "projected_state"}:
             raise ValueError(f"drafter.onnx: outputs {sorted(d_outs)}")
+        for k in range(1, info["max_draft"] + 1):
+            path = out_dir / draft_graph_name(k)
+            if not path.exists():
+                raise ValueError(f"{path.name} missing: the drafting-round graphs cover k = 1..{info['max_draft']}")
+            k_ins, k_outs = io(path)
+            if k_outs.get("draft_tokens") != [1, k] or sorted(k_ins) != sorted(
+                ["input_ids", "state", "position_ids", *SHARED_KV_NAMES]
+            ):
+                raise ValueError(f"{path.name}: inputs {sorted(k_ins)}, outputs {k_outs}")
 
 
 def copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from calibration.quality import drafting_ms, median_ms
 from calibration.quality import measure_step_costs as step_costs
-from calibration.quality import median_ms
 from runtime.loop import StepTimer, greedy_generate, speculative_generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,8 +102,9 @@ def bench_loops(backend, prompts, new_tokens, draft_lengths, repeats):
     )
 
 
-def predicted_speedup(mal: float, decode_ms: float, verify_ms: float, draft_ms: float, k: int) -> float:
-    return mal * decode_ms / (verify_ms + k * draft_ms)
+def predicted_speedup(mal: float, decode_ms: float, verify_ms: float, drafting: float) -> float:
+    """drafting: ms to draft the round's k tokens."""
+    return mal * decode_ms / (verify_ms + drafting)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -207,20 +208,24 @@ def _entries(rates, ratios, accept, step_ms, costs, ks) -> dict:
         if step_ms:  # costs from the generation runs themselves
             decode = step_ms[0].get("decode", costs["decode_ms"])
             verify = step_ms[k].get(f"verify{k + 1}", costs[f"verify{k + 1}_ms"])
-            draft = step_ms[k].get("draft", costs["draft_ms"])
+            if f"draft_round{k}" in step_ms[k]:
+                drafting = step_ms[k][f"draft_round{k}"]
+            else:
+                drafting = k * step_ms[k].get("draft", costs["draft_ms"])
         else:
-            decode, verify, draft = costs["decode_ms"], costs[f"verify{k + 1}_ms"], costs["draft_ms"]
+            decode, verify, drafting = costs["decode_ms"], costs[f"verify{k + 1}_ms"], drafting_ms(costs, k)
         rows.append(
             {
                 "draft_tokens": k,
                 "greedy_tok_s": round(rates[0], 2),
                 "speculative_tok_s": round(rates[k], 2),
                 "speedup": round(ratios[k], 3),
-                "predicted_speedup": round(predicted_speedup(accept[k], decode, verify, draft, k), 3),
+                "predicted_speedup": round(predicted_speedup(accept[k], decode, verify, drafting), 3),
                 "mean_accepted_length": round(accept[k], 3),
                 "decode_step_ms": round(decode, 4),
                 "verify_step_ms": round(verify, 4),
-                "draft_step_ms": round(draft, 4),
+                "draft_step_ms": round(drafting / k, 4),
+                "drafting_ms": round(drafting, 4),
             }
         )
     best = max(rows, key=lambda r: r["speedup"])
@@ -229,10 +234,11 @@ def _entries(rates, ratios, accept, step_ms, costs, ks) -> dict:
 
 def _print_table(costs, results) -> None:
     print("\nstep latency (ms, median)")
-    kinds = list(next(iter(costs.values())))
-    print(f"  {'backend':<8}" + "".join(f"{k:>12}" for k in kinds))
+    kinds = list(dict.fromkeys(k for c in costs.values() for k in c))
+    width = max(len(k) for k in kinds) + 2
+    print(f"  {'backend':<11}" + "".join(f"{k:>{width}}" for k in kinds))
     for backend, c in costs.items():
-        print(f"  {backend:<8}" + "".join(f"{c[k]:>12.3f}" for k in kinds))
+        print(f"  {backend:<11}" + "".join(f"{c[k]:>{width}.3f}" if k in c else f"{'-':>{width}}" for k in kinds))
     print("\ngeneration (decode tokens/s after prefill)")
     print(f"  {'backend':<8}{'k':>3}{'greedy':>10}{'spec':>10}{'speedup':>9}{'predicted':>10}{'accepted':>10}")
     for backend, entry in results.items():

@@ -6,6 +6,8 @@ buffers shared by its methods, so a step passes token ids and positions only:
   chunks of at most `prefill_chunk` tokens;
 - `draft(token, state, position)`: `draft_step(token [1, 1], state [1, 1, H], input_pos [1])`
   -> logits, projected state; it reads the caches the target method wrote;
+- `draft_tokens(token, state, position, k)`: `draft_k{k}` (same inputs) -> the k greedy
+  drafts of a round in one call;
 - `reset()`: `reset_caches()` zero-fills the caches (positions alone already hide stale
   entries; this guards against a runtime handing out uninitialised buffer memory).
 
@@ -49,6 +51,8 @@ class ExecuTorchBackend:
         self.target_method = self.program.load_method("target_step")
         self.reset_method = self.program.load_method("reset_caches")
         self.draft_method = self.program.load_method("draft_step") if "draft_step" in names else None
+        self.method_names = names
+        self.round_methods = {}
         self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
         self.eos_token_ids = tuple(int(e) for e in self.program.load_method("get_eos_ids").execute([]))
         self.prefill_chunk = min(prefill_chunk, self.max_context)
@@ -85,6 +89,26 @@ class ExecuTorchBackend:
             ]
         )
         return out[0][0, 0].numpy().copy(), out[1][0, 0].numpy().copy()
+
+    def draft_tokens(self, token: int, state: np.ndarray, position: int, k: int) -> list[int]:
+        """k greedy drafts in one call: equal to k `draft` steps with an argmax after each."""
+        method = self.round_methods.get(k)
+        if method is None:
+            name = f"draft_k{k}"
+            if name not in self.method_names:
+                raise ArtifactError(
+                    f"{self.dir / PROGRAM_FILE} has no {name}: it drafts at most {self.layout['max_draft']} tokens "
+                    "per round (re-export with a larger --max-draft)"
+                )
+            method = self.round_methods[k] = self.program.load_method(name)
+        out = method.execute(
+            [
+                torch.tensor([[token]], dtype=torch.long),
+                torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32)).reshape(1, 1, self.hidden_size),
+                torch.tensor([position], dtype=torch.long),
+            ]
+        )
+        return out[0][0].tolist()
 
     def shared_kv(self) -> dict[str, np.ndarray]:
         """The producer caches (last full and last sliding owner), read through the program's

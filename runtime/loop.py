@@ -7,11 +7,15 @@ A backend implements `StepBackend` (numpy in, numpy out, no torch):
   earlier start is the rollback: the cache layout makes entries past the new start
   invisible (export/modules.py);
 - `draft(token, state, position)`: one drafter step at `position`, reading the target's
-  caches below it; returns logits [V] and the projected state [H].
+  caches below it; returns logits [V] and the projected state [H];
+- optionally `draft_tokens(token, state, position, k)`: the k greedy drafts of a round in
+  one call (the exported drafting-round graph/method); when a backend has it, the
+  speculative loop uses it instead of k `draft` calls (same tokens, fewer calls).
 
 Speculative round (greedy acceptance), with tok = the next token, not yet in the cache, at
 position pos, and h = the target's hidden state at pos - 1:
-1. draft: d_i = argmax(draft(d_{i-1}, s_{i-1}, pos)), d_0 = tok, s_0 = h, for i = 1..k;
+1. draft: d_i = argmax(draft(d_{i-1}, s_{i-1}, pos)), d_0 = tok, s_0 = h, for i = 1..k
+   (or d_1..d_k = draft_tokens(tok, h, pos, k) in one call);
 2. verify: target([tok, d_1..d_k], pos) -> choices c_0..c_k (argmax at each position);
 3. accept: the longest prefix with d_i == c_{i-1}, a drafts, plus c_a from the target;
 4. next round: tok = c_a at pos + a + 1, h = hidden[a].
@@ -109,6 +113,7 @@ def speculative_generate(
     if draft_tokens < 1:
         raise ValueError("draft_tokens must be >= 1 for speculative decoding; use greedy_generate")
     timer, stats, out = StepTimer(), GenerationStats(), []
+    round_drafter = getattr(backend, "draft_tokens", None)
     t0 = time.perf_counter()
     backend.reset()
     logits, hidden = _timed(timer, "prefill", backend.target, list(prompt_ids), 0)
@@ -117,11 +122,14 @@ def speculative_generate(
     done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
     while not done:
         k = min(draft_tokens, max_new_tokens - len(out) - 1)
-        drafts, t, s = [], tok, h
-        for _ in range(k):  # all drafter steps sit at position pos
-            d_logits, s = _timed(timer, "draft", backend.draft, t, s, pos)
-            t = int(np.argmax(d_logits))
-            drafts.append(t)
+        if round_drafter is not None and k > 0:
+            drafts = _timed(timer, f"draft_round{k}", round_drafter, tok, h, pos, k)
+        else:
+            drafts, t, s = [], tok, h
+            for _ in range(k):  # all drafter steps sit at position pos
+                d_logits, s = _timed(timer, "draft", backend.draft, t, s, pos)
+                t = int(np.argmax(d_logits))
+                drafts.append(t)
         # verify: [tok, d_1..d_k] at positions pos..pos+k -> logits [k+1, V]
         logits, hidden = _timed(timer, f"verify{k + 1}", backend.target, [tok] + drafts, pos)
         stats.target_passes += 1

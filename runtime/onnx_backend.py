@@ -5,7 +5,13 @@ Steps per call:
 - `target(ids, start)`: embed graph (ids -> embeddings, PLE rows), then the target graph in
   chunks of at most `prefill_chunk` tokens, its present caches becoming the next past;
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
-  drafter graph over the target's producer caches (last full and last sliding owner).
+  drafter graph over the target's producer caches (last full and last sliding owner);
+- `draft_tokens(token, state, position, k)`: a whole drafting round in one call of
+  `drafter_k{k}.onnx` (embedding, k steps and the argmax inside the graph).
+
+Tensors several graphs hold (the token embedding table, the drafter weights; listed in
+layout.json by the exporter) are read once and given to every session that uses them
+(`SessionOptions.add_initializer`), so they exist once in memory.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ class ArtifactError(ValueError):
     """An artifacts directory that is missing files or does not fit this runtime."""
 
 
-def _session(path: Path, threads: int | None) -> ort.InferenceSession:
+def _session(path: Path, threads: int | None, shared: dict | None = None) -> ort.InferenceSession:
+    """shared: initializer name -> OrtValue, used instead of the graph's own copy."""
     if not path.is_file():
         raise ArtifactError(f"{path} not found; export the ONNX graphs first (make generate BACKEND=onnx ...)")
     opts = ort.SessionOptions()
+    for name, value in (shared or {}).items():
+        opts.add_initializer(name, value)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
@@ -46,10 +55,12 @@ class OnnxBackend:
         # The target gets the intra-op pool; the embedding lookup and the drafter step are too
         # small to gain from threads and run on the calling thread, so they never contend
         # with the target pool's spinning workers.
-        self.embed_sess = _session(self.dir / "embed.onnx", 1)
-        self.target_sess = _session(self.dir / "target.onnx", threads)
-        drafter = self.dir / "drafter.onnx"
-        self.drafter_sess = _session(drafter, 1) if drafter.is_file() else None
+        self.shared = self._load_shared()
+        self.embed_sess = self._open("embed.onnx", 1)
+        self.target_sess = self._open("target.onnx", threads)
+        self.has_drafter = (self.dir / "drafter.onnx").is_file()
+        self.drafter_sess = None  # opened on first use, as the drafting-round graphs
+        self.round_sess: dict[int, ort.InferenceSession] = {}
         self.owners = self.layout["cache_owners"]
         self.past_names = [f"past_key_values.{i}.{kv}" for i in self.owners for kv in ("key", "value")]
         self.prefill_chunk = min(prefill_chunk, self.layout["max_context"])
@@ -63,6 +74,26 @@ class OnnxBackend:
         self.eos_token_ids = tuple(self.layout["eos_token_ids"])
         self.caches: dict[str, np.ndarray] = {}
         self.reset()
+
+    def _load_shared(self) -> list[tuple[dict, ort.OrtValue, np.ndarray]]:
+        """One OrtValue per tensor listed in layout.json's shared_initializers (read once;
+        the arrays stay referenced by this backend as long as its sessions live)."""
+        out = []
+        for entry in self.layout.get("shared_initializers", []):
+            path = self.dir / entry["file"]
+            count = int(np.prod(entry["shape"]))
+            with open(path, "rb") as f:
+                f.seek(entry["offset"])
+                array = np.fromfile(f, dtype=np.dtype(entry["dtype"]), count=count)
+            if array.size != count:
+                raise ArtifactError(f"{path} ends inside a shared tensor; re-export the ONNX graphs")
+            array = array.reshape(entry["shape"])
+            out.append((entry["users"], ort.OrtValue.ortvalue_from_numpy(array), array))
+        return out
+
+    def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
+        shared = {users[graph]: value for users, value, _ in self.shared if graph in users}
+        return _session(self.dir / graph, threads, shared)
 
     def reset(self) -> None:
         shapes = self.layout["cache_shapes"]
@@ -99,15 +130,39 @@ class OnnxBackend:
             self.caches = dict(zip(self.past_names, out[2:]))
         return np.concatenate(logits), np.concatenate(hidden)
 
+    def _shared_kv_feed(self, feed: dict) -> dict:
+        for name, cache in self.shared_names.items():
+            feed[name] = self.caches[cache]
+        return feed
+
     def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.drafter_sess is None:
+        if not self.has_drafter:
             raise ArtifactError(f"{self.dir} has no drafter.onnx; export with a drafter for speculative decoding")
+        if self.drafter_sess is None:
+            self.drafter_sess = self._open("drafter.onnx", 1)
         embeds, _ = self.embed([token])
         feed = {
             "inputs_embeds": np.concatenate([embeds[0, 0], state])[None, None],
             "position_ids": np.asarray([[position]], dtype=np.int64),
         }
-        for name, cache in self.shared_names.items():
-            feed[name] = self.caches[cache]
-        logits, projected = self.drafter_sess.run(None, feed)
+        logits, projected = self.drafter_sess.run(None, self._shared_kv_feed(feed))
         return logits[0, 0], projected[0, 0]
+
+    def draft_tokens(self, token: int, state: np.ndarray, position: int, k: int) -> list[int]:
+        """k greedy drafts in one call: equal to k `draft` steps with an argmax after each."""
+        sess = self.round_sess.get(k)
+        if sess is None:
+            graph = f"drafter_k{k}.onnx"
+            if not (self.dir / graph).is_file():
+                raise ArtifactError(
+                    f"{self.dir} has no {graph}: this export drafts at most {self.layout['max_draft']} tokens "
+                    "per round (re-export with a larger --max-draft)"
+                )
+            sess = self.round_sess[k] = self._open(graph, 1)
+        feed = {
+            "input_ids": np.asarray([[token]], dtype=np.int64),
+            "state": np.ascontiguousarray(state, dtype=np.float32).reshape(1, 1, -1),
+            "position_ids": np.asarray([[position]], dtype=np.int64),
+        }
+        (tokens,) = sess.run(None, self._shared_kv_feed(feed))
+        return tokens[0].tolist()

@@ -58,12 +58,13 @@ def reference_greedy(pair, prompt):
 
 def test_methods_metadata_and_delegation(program, pair):
     prog, info = program
-    assert {"forward", "target_step", "draft_step", "reset_caches", "shared_kv"} <= set(prog.method_names)
+    rounds = {f"draft_k{k}" for k in range(1, MAX_DRAFT + 1)}
+    assert {"forward", "target_step", "draft_step", "reset_caches", "shared_kv", *rounds} <= set(prog.method_names)
     meta = {name: prog.load_method(name).execute([])[0] for name in info["metadata"]}
     assert meta["get_max_seq_len"] == MAX_CONTEXT and meta["get_vocab_size"] == 2048
     assert meta["get_n_layers"] == 12 and meta["get_num_kv_shared_layers"] == 6
     assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
-    for name in ("forward", "target_step", "draft_step"):
+    for name in ("forward", "target_step", "draft_step", *sorted(rounds)):
         d = info["delegation"][name]
         # every linear and attention matmul inside XNNPACK, and most operators overall
         assert d["matmuls_outside"] == [], (name, d["matmuls_outside"])
@@ -105,6 +106,24 @@ def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, promp
     assert ((new_state - ref_state).abs().max() / ref_state.abs().max()).item() < 1e-4
 
 
+def test_drafting_round_equals_single_steps(artifacts, prompt):
+    """draft_k{k} (k drafter steps with the argmax inside, one call) gives the drafts of k
+    draft_step calls with an argmax after each, reading the same shared caches."""
+    from runtime.executorch_backend import ExecuTorchBackend
+
+    backend = ExecuTorchBackend(artifacts[0])
+    _, hidden = backend.target(prompt, 0)
+    for pos in (70, len(prompt)):
+        token = prompt[pos] if pos < len(prompt) else 99
+        chain, t, s = [], token, hidden[pos - 1]
+        for _ in range(MAX_DRAFT):
+            logits, s = backend.draft(t, s, pos)
+            t = int(logits.argmax())
+            chain.append(t)
+        for k in range(1, MAX_DRAFT + 1):
+            assert backend.draft_tokens(token, hidden[pos - 1], pos, k) == chain[:k], (pos, k)
+
+
 def test_backend_greedy_and_speculative_tokens_match_reference(artifacts, prompt, reference_greedy):
     """The ExecuTorch backend in the shared loops: greedy and speculative (k = 1..4) tokens
     equal transformers' greedy tokens; a corrupted drafter forces rollbacks."""
@@ -115,9 +134,9 @@ def test_backend_greedy_and_speculative_tokens_match_reference(artifacts, prompt
     backend = ExecuTorchBackend(artifacts[0])
     assert greedy_generate(backend, prompt, NEW_TOKENS)[0] == reference_greedy
     for k in (1, 2, 3, 4):
-        tokens, stats, _ = speculative_generate(backend, prompt, NEW_TOKENS, k)
+        tokens, stats, timer = speculative_generate(backend, prompt, NEW_TOKENS, k)
         assert tokens == reference_greedy, k
-        assert stats.accepted > 0
+        assert stats.accepted > 0 and f"draft_round{k}" in timer.mean_ms()  # the one-call path
     outcomes = set()
     tokens, _, _ = speculative_generate(
         CorruptDrafts(backend), prompt, NEW_TOKENS, 4, on_round=lambda p, d, a: outcomes.add((a > 0) + (a == len(d)))

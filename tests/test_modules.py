@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.config import FULL, SLIDING, AttentionLayout, TargetSpec, preset
-from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
+from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
 
 MAX_CONTEXT, MAX_DRAFT = 256, 4
 
@@ -85,3 +85,37 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
     assert ((d_logits[0, 0][cand] - ref_l).abs().max() / ref_l.abs().max()).item() < 1e-4
     rel = (d_state - expected.last_hidden_state).abs().max() / expected.last_hidden_state.abs().max()
     assert rel.item() < 1e-4
+
+
+@pytest.mark.parametrize("xnnpack", [False, True], ids=["onnxruntime-form", "xnnpack-form"])
+def test_drafting_round_equals_transformers_drafter_chain(grouped_pair, xnnpack):
+    """DraftTokens (k steps, embedding and argmax inside) drafts what transformers' drafter
+    drafts step by step (its argmax fed back through the target's embedding), here with
+    grouped heads (2 KV heads)."""
+    target, drafter = grouped_pair
+    spec = TargetSpec.from_hf(target.config)
+    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT)
+    embed, step = EmbedStep(target), TargetStep(target, layout, xnnpack=xnnpack)
+    rounds = DraftTokens(DrafterStep(drafter, layout, xnnpack=xnnpack), target.model.embed_tokens, MAX_DRAFT)
+    ids = torch.randint(3, spec.vocab_size, (1, 150))
+    with torch.no_grad():
+        ref = target(ids, return_shared_kv_states=True, output_hidden_states=True)
+        caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
+        e, ple = embed(ids)
+        _, hidden, *caches = step(e, ple, torch.arange(150)[None], *caches)
+        p = layout.attention.kv_producers()
+        shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
+        ours = rounds(torch.tensor([[5]]), hidden[:, -1:], torch.tensor([[150]]), *shared)[0].tolist()
+        kv = {k: (v[0], v[1]) for k, v in ref.shared_kv_states.items()}
+        expected, token, state = [], torch.tensor([[5]]), ref.hidden_states[-1][:, -1:]
+        for _ in range(MAX_DRAFT):
+            out = drafter(
+                inputs_embeds=torch.cat([target.model.embed_tokens(token), state], dim=-1),
+                position_ids=torch.tensor([[150]]),
+                shared_kv_states=kv,
+                attention_mask=torch.ones(1, 151, dtype=torch.long),
+            )
+            token = out.logits[0, -1:].argmax(-1, keepdim=True)
+            state = out.last_hidden_state
+            expected.append(int(token))
+    assert ours == expected

@@ -56,10 +56,11 @@ def test_sliding_caches_are_rings_not_full_context(onnx_dir):
 
 
 def test_graph_conventions(onnx_dir):
-    for name in ("embed", "target", "drafter"):
+    for name in ("embed", "target", "drafter", *[f"drafter_k{k}" for k in range(1, MAX_DRAFT + 1)]):
         m, _, _ = _io(onnx_dir / f"{name}.onnx")
         assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
-        assert (onnx_dir / f"{name}.onnx.data").is_file()  # weights as external data
+        # weights as external data (a drafting-round graph may keep none of its own: shared)
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer if np.prod(t.dims) >= 1024)
         onnx.checker.check_model(str(onnx_dir / f"{name}.onnx"))
     _, ins, outs = _io(onnx_dir / "embed.onnx")
     assert list(ins) == ["input_ids"] and list(outs) == ["inputs_embeds", "per_layer_inputs"]
@@ -69,17 +70,69 @@ def test_graph_conventions(onnx_dir):
         "shared_kv.sliding_attention.key", "shared_kv.sliding_attention.value",
     ]
     assert list(outs) == ["logits", "projected_state"]
+    _, ins, outs = _io(onnx_dir / "drafter_k3.onnx")
+    assert list(ins)[:3] == ["input_ids", "state", "position_ids"] and outs == {"draft_tokens": [1, 3]}
     check_graphs(onnx_dir)
 
 
 def test_embedding_table_exists_once(onnx_dir, pair):
-    """The drafter graph holds no copy of the target's embedding or PLE table."""
+    """The target's embedding table is stored once: the single-step drafter graph takes
+    embeddings as input; the drafting-round graphs look tokens up in the table of
+    embed.onnx.data (same file and offset), and the backend hands all those sessions one
+    buffer."""
     target, _ = pair
     table = target.model.embed_tokens.weight.detach().numpy()
     m = onnx.load(str(onnx_dir / "drafter.onnx"))
     for init in m.graph.initializer:
         arr = onnx.numpy_helper.to_array(init)
         assert arr.shape != table.shape or not np.array_equal(arr, table), init.name
+    blob = table.astype(np.float32).tobytes()
+    copies = {p.name: p.read_bytes().count(blob) for p in onnx_dir.glob("*.data")}
+    assert sum(copies.values()) == 1 and copies["embed.onnx.data"] == 1, copies
+    layout = json.loads((onnx_dir / "layout.json").read_text())
+    entry = next(e for e in layout["shared_initializers"] if e["shape"] == list(table.shape))
+    assert entry["file"] == "embed.onnx.data"
+    assert set(entry["users"]) == {"embed.onnx", *[f"drafter_k{k}.onnx" for k in range(1, MAX_DRAFT + 1)]}
+    backend = OnnxBackend(onnx_dir)
+    (array,) = [a for users, _, a in backend.shared if users is entry["users"] or users == entry["users"]]
+    np.testing.assert_array_equal(array, table)
+
+
+def test_drafting_round_equals_single_steps(onnx_dir):
+    """drafter_k{k}.onnx (embedding, k steps and argmax in one call) gives the drafts of k
+    single `drafter.onnx` steps with an argmax after each, at positions inside and past
+    the first window."""
+    backend = OnnxBackend(onnx_dir)
+    _, hidden = backend.target(PROMPT, 0)
+    rng = np.random.RandomState(0)
+    for pos in (40, 90, len(PROMPT)):
+        state = hidden[pos - 1] if pos <= len(PROMPT) else rng.randn(hidden.shape[1]).astype(np.float32)
+        token = PROMPT[pos] if pos < len(PROMPT) else 99
+        chain, t, s = [], token, state
+        for _ in range(MAX_DRAFT):
+            logits, s = backend.draft(t, s, pos)
+            t = int(np.argmax(logits))
+            chain.append(t)
+        for k in range(1, MAX_DRAFT + 1):
+            assert backend.draft_tokens(token, state, pos, k) == chain[:k], (pos, k)
+    with pytest.raises(ArtifactError, match="at most 4 tokens"):
+        backend.draft_tokens(token, state, pos, MAX_DRAFT + 1)
+
+
+class _StepsOnly:
+    """A backend without `draft_tokens`: the loop falls back to one `draft` call per token."""
+
+    def __init__(self, backend):
+        self.backend, self.name, self.eos_token_ids = backend, "steps", backend.eos_token_ids
+
+    def reset(self):
+        self.backend.reset()
+
+    def target(self, ids, start):
+        return self.backend.target(ids, start)
+
+    def draft(self, token, state, position):
+        return self.backend.draft(token, state, position)
 
 
 def test_chunked_prefill_and_rollback_match_transformers(onnx_dir, pair):
@@ -105,7 +158,9 @@ def test_greedy_and_speculative_tokens_equal_transformers(onnx_dir, pair):
     for k in (1, 4):
         spec, stats, timer = speculative_generate(backend, PROMPT, 40, k)
         assert spec == reference
-        assert stats.drafted > 0 and f"verify{k + 1}" in timer.mean_ms()
+        assert stats.drafted > 0 and {f"verify{k + 1}", f"draft_round{k}"} <= set(timer.mean_ms())
+        spec, stats, timer = speculative_generate(_StepsOnly(backend), PROMPT, 40, k)
+        assert spec == reference and "draft" in timer.mean_ms()
 
 
 def test_context_overflow_is_refused(onnx_dir):
