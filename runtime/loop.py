@@ -66,6 +66,17 @@ def _timed(timer, kind, fn, *args):
     return out
 
 
+def chained_drafts(backend, token: int, state, position: int, k: int) -> list[int]:
+    """k greedy drafts from k single `draft` steps (what `draft_tokens` computes in one call;
+    backends fall back to this for exports without the drafting-round graphs)."""
+    drafts = []
+    for _ in range(k):
+        logits, state = backend.draft(token, state, position)
+        token = int(np.argmax(logits))
+        drafts.append(token)
+    return drafts
+
+
 def _emit(new, out, eos, max_new, on_token) -> bool:
     """Append new tokens, stopping at EOS or max_new; True when generation is over."""
     for t in new:
@@ -112,6 +123,13 @@ def speculative_generate(
     """on_round(pos, drafts, accepted) observes each round (parity checks use it)."""
     if draft_tokens < 1:
         raise ValueError("draft_tokens must be >= 1 for speculative decoding; use greedy_generate")
+    limit = getattr(backend, "max_draft", None)
+    if limit is not None and draft_tokens > limit:
+        raise ValueError(
+            f"draft_tokens {draft_tokens} exceeds the export's max_draft {limit} (its sliding caches hold "
+            f"window + {limit} + 1 slots, so longer rounds could evict entries still in the window); "
+            f"use at most {limit} drafts or re-export with --max-draft {draft_tokens}"
+        )
     timer, stats, out = StepTimer(), GenerationStats(), []
     round_drafter = getattr(backend, "draft_tokens", None)
     t0 = time.perf_counter()
