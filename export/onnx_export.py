@@ -15,7 +15,9 @@ Steps:
      embedding, k steps, argmax inside), the runtime's fast path;
 3. `onnx.checker` on each graph, then `check_graphs`: names, opset and cache shapes as the
    layout says (sliding caches have window + max_draft + 1 slots);
-4. external data deduplicated across graphs (export/onnx_data.py): a tensor several graphs
+4. weights reaching a MatMul through a Transpose are stored transposed (quantizable, and
+   equal to the single-step graph's), then external data deduplicated across graphs
+   (export/onnx_data.py): a tensor several graphs
    hold (the token embedding table: embed + drafter_k graphs; the drafter weights) is
    stored once and listed in `layout.json` so the runtime loads it once for all sessions;
 5. `layout.json` records what a runtime needs (names, shapes, producers, ids, sizes).
@@ -32,7 +34,7 @@ import torch
 
 from export.config import FULL, SLIDING, TargetSpec
 from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
-from export.onnx_data import dedup_external_data
+from export.onnx_data import dedup_external_data, fold_weight_transposes
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
 LAYOUT_FILE = "layout.json"
@@ -171,6 +173,8 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
 
     info = layout_dict(target, drafter, layout)
     (out_dir / LAYOUT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    for g in graph_order(out_dir):
+        fold_weight_transposes(out_dir / g)
     share_weights(out_dir)
     check_graphs(out_dir)
     return info

@@ -52,8 +52,15 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
             )
             q.process()
             model = q.model.model
+    done = {4: 0, 8: 0}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            done[next(a.i for a in node.attribute if a.name == "bits")] += 1
+    missed = {bits: len(names) - done[bits] for bits, names in groups.items() if len(names) != done[bits]}
+    if missed:  # e.g. a weight reaching its MatMul through a Transpose (not a constant B)
+        raise ValueError(f"{path.name}: linears left unquantized (bits: count): {missed}")
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-    return {f"int{bits}": len(names) for bits, names in groups.items()}
+    return {f"int{bits}": n for bits, n in done.items()}

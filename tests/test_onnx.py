@@ -98,6 +98,17 @@ def test_embedding_table_exists_once(onnx_dir, pair):
     np.testing.assert_array_equal(array, table)
 
 
+def test_drafter_weights_stored_once_and_as_constant_matmul_inputs(onnx_dir):
+    """Every drafter weight of the drafting-round graphs reaches its MatMul as an
+    initializer (no Transpose in between: quantizable), and all of them are the single-step
+    graph's tensors: no data file beyond embed, target and drafter."""
+    for k in range(1, MAX_DRAFT + 1):
+        m = onnx.load(str(onnx_dir / f"drafter_k{k}.onnx"), load_external_data=False)
+        inits = {t.name for t in m.graph.initializer}
+        assert not [n.name for n in m.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    assert sorted(p.name for p in onnx_dir.glob("*.data")) == ["drafter.onnx.data", "embed.onnx.data", "target.onnx.data"]
+
+
 def test_drafting_round_equals_single_steps(onnx_dir):
     """drafter_k{k}.onnx (embedding, k steps and argmax in one call) gives the drafts of k
     single `drafter.onnx` steps with an argmax after each, at positions inside and past
