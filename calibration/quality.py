@@ -230,18 +230,37 @@ def median_ms(fn, repeats: int = 25, warmup: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure_step_costs(backend, context: list[int], max_draft: int) -> dict:
+def measure_step_costs(backend, context: list[int], max_draft: int, repeats: int = 25, warmup: int = 3) -> dict:
+    """Median ms of each step kind at a context past the prompt: decode, verify(k+1),
+    drafter step and (where the backend has it) a drafting round of k.
+
+    Each kind is timed where the loops run it: a decode step right after another decode
+    step (greedy), a drafting round right after a verify pass and a verify pass right after
+    a drafting round (speculative; each model runs slower after the other has filled the
+    caches). All kinds are measured in every repeat, so machine drift over the measurement
+    hits them alike instead of making one block of calls look cheap."""
     backend.reset()
     _, hidden = backend.target(context, 0)
     pos, tok, state = len(context), context[-1], hidden[-1]
-    costs = {"decode_ms": median_ms(lambda: backend.target([tok], pos))}
-    for k in range(1, max_draft + 1):
-        costs[f"verify{k + 1}_ms"] = median_ms(lambda k=k: backend.target([tok] * (k + 1), pos))
-    costs["draft_ms"] = median_ms(lambda: backend.draft(tok, state, pos))
-    if hasattr(backend, "draft_tokens"):  # a whole drafting round in one call
+    rounds = hasattr(backend, "draft_tokens")
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    for _ in range(warmup + repeats):
+        backend.target([tok], pos)
+        timed("decode_ms", backend.target, [tok], pos)
         for k in range(1, max_draft + 1):
-            costs[f"draft_round{k}_ms"] = median_ms(lambda k=k: backend.draft_tokens(tok, state, pos, k))
-    return {k: round(v, 3) for k, v in costs.items()}
+            if rounds:
+                timed(f"draft_round{k}_ms", backend.draft_tokens, tok, state, pos, k)
+            timed(f"verify{k + 1}_ms", backend.target, [tok] * (k + 1), pos)
+        timed("draft_ms", backend.draft, tok, state, pos)
+    order = ["decode_ms", *[f"verify{k + 1}_ms" for k in range(1, max_draft + 1)], "draft_ms"]
+    order += [f"draft_round{k}_ms" for k in range(1, max_draft + 1) if rounds]
+    return {name: round(1000 * statistics.median(times[name][warmup:]), 3) for name in order}
 
 
 def drafting_ms(costs: dict, k: int) -> float:
