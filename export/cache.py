@@ -22,7 +22,7 @@ DEFAULT_MAX_CONTEXT = 1024
 DEFAULT_MAX_DRAFT = 4
 _HERE = Path(__file__).parent
 EXPORTER_SOURCES = {
-    "onnx": [_HERE / name for name in ("modules.py", "onnx_export.py", "checkpoint.py")],
+    "onnx": [_HERE / name for name in ("modules.py", "onnx_export.py", "onnx_data.py", "checkpoint.py")],
     "executorch": [
         _HERE / name for name in ("modules.py", "onnx_export.py", "executorch_export.py", "quantize.py", "checkpoint.py")
     ],
