@@ -336,6 +336,7 @@ class DrafterStep(nn.Module):
         for lt in set(self.layer_types):
             dim = next(l.self_attn.head_dim for l, t in zip(drafter.model.layers, self.layer_types) if t == lt)
             self.register_buffer(f"rot_{lt}", _rotate_matrix(dim), persistent=False)
+            self.register_buffer(f"eye_{lt}", torch.eye(dim), persistent=False)
         me = drafter.masked_embedding
         if me is not None:
             self.register_buffer(
@@ -346,7 +347,11 @@ class DrafterStep(nn.Module):
             self.candidate_rows = nn.Embedding.from_pretrained(drafter.lm_head.weight.detach(), freeze=True)
 
     def context(self, position_ids, full_k, full_v, sliding_k, sliding_v) -> dict:
-        """What every step at this position shares: masks, RoPE, the grouped shared K/V."""
+        """What every step at this position shares: masks, RoPE, the grouped shared K/V.
+
+        A drafter step is one query at one position, so RoPE is a fixed linear map of q:
+        x * cos + rotate_half(x) * sin == x @ (I * cos + R * sin), built here once as a
+        [d, d] matrix per layer type and applied with one matmul per layer and step."""
         m = self.drafter.model
         positions = position_ids[0]  # [1]
         start = positions[0]
@@ -357,25 +362,32 @@ class DrafterStep(nn.Module):
         ring_pos = self.layout.ring_positions(start)
         sliding_allowed = ((ring_pos >= 0) & (ring_pos >= start - 1 - self.window))[None, :]
         types = set(self.layer_types)
+        rope = {}
+        for t in types:
+            cos, sin = _cos_sin(m.rotary_emb, t, positions)  # [1, 1, d]
+            rope[t] = getattr(self, f"eye_{t}") * cos[0] + getattr(self, f"rot_{t}") * sin[0]  # [d, d]
         return {
-            "bias": _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)}),
-            "rope": {t: _cos_sin(m.rotary_emb, t, positions) for t in types},
+            "bias": {FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)},  # [1, T]
+            "rope": rope,
             "kv": {t: _grouped(*kv[t]) for t in types},  # once per cache, for all layers
         }
 
     def body(self, inputs_embeds, ctx: dict):
-        """-> final-normed hidden (input of the head), projected state."""
+        """-> final-normed hidden (input of the head), projected state. One query: the
+        query heads of a KV group are the rows of one [kvh, group, d] matmul with K^T."""
         d = self.drafter
         m = d.model
         h = d.pre_projection(inputs_embeds)
         for i, layer in enumerate(m.layers):
             lt = self.layer_types[i]
             attn = layer.self_attn
+            kt, v = ctx["kv"][lt]
+            kvh, dim = kt.shape[0], attn.head_dim
             x = self.ops.rms(layer.input_layernorm, h)
-            q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim))
-            q = _rope(q, *ctx["rope"][lt], getattr(self, f"rot_{lt}")).transpose(1, 2)
-            kv = ctx["kv"][lt]
-            out = _attend(q, *kv, ctx["bias"].get(lt, q, kv[0]))
+            q = self.ops.rms(attn.q_norm, attn.q_proj(x).reshape(kvh, -1, dim))  # [kvh, group, d]
+            q = torch.bmm(q, ctx["rope"][lt].expand(kvh, dim, dim))
+            scores = torch.bmm(q, kt) + ctx["bias"][lt]  # [kvh, group, T]
+            out = torch.bmm(torch.softmax(scores, dim=-1), v).reshape(1, 1, -1)
             h = self.ops.layer_tail(layer, h, out, None)
         h = self.ops.rms(m.norm, h)
         return h, d.post_projection(h)
@@ -395,12 +407,15 @@ class DrafterStep(nn.Module):
         return candidates[torch.argmax(scores, dim=-1)].reshape(1, 1)
 
     def _candidate_scores(self, h):
+        """-> candidate token ids [C], their logits [1, C]."""
         me = self.drafter.masked_embedding
         _, top = torch.topk(me.centroids(h), k=self.top_k, dim=-1)  # [1, 1, top_k]
         candidates = self.clusters[top[0, 0]].reshape(-1)  # [top_k * per_centroid]
         weights = self.candidate_rows(candidates)  # [C, D]
-        scores = torch.bmm(h[0][None], weights.T[None])[0]  # [1, C] (bmm: delegable with gathered weights)
-        return candidates, scores
+        # rows times the column h: no transpose of the gathered rows (bmm: delegable with
+        # gathered weights)
+        scores = torch.bmm(weights[None], h.reshape(1, -1, 1))  # [1, C, 1]
+        return candidates, scores.reshape(1, -1)
 
     def centroid_logits(self, h):
         """The ordered-embedding head: score the tokens of the top-k centroids, fill the rest
