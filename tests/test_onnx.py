@@ -187,14 +187,6 @@ def test_context_overflow_is_refused(onnx_dir):
         backend.target(list(range(3, 400)), 0)
 
 
-def test_pool_workers_sleep_unless_asked_to_spin(onnx_dir):
-    """The target pool's idle workers sleep by default (a spinning worker slowed the drafter
-    beside it; see OnnxBackend); spin=True restores onnxruntime's busy-waiting."""
-    key = "session.intra_op.allow_spinning"
-    assert OnnxBackend(onnx_dir).target_sess.get_session_options().get_session_config_entry(key) == "0"
-    assert OnnxBackend(onnx_dir, spin=True).target_sess.get_session_options().get_session_config_entry(key) == "1"
-
-
 def test_missing_artifacts_are_reported(tmp_path):
     with pytest.raises(ArtifactError, match="layout.json not found"):
         OnnxBackend(tmp_path)
