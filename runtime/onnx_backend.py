@@ -31,9 +31,8 @@ class ArtifactError(ValueError):
     """An artifacts directory that is missing files or does not fit this runtime."""
 
 
-def _session(path: Path, threads: int | None, shared: dict | None = None, spin: bool = False) -> ort.InferenceSession:
-    """shared: initializer name -> OrtValue, used instead of the graph's own copy; spin:
-    let the intra-op pool's idle workers busy-wait (onnxruntime's default) instead of sleeping."""
+def _session(path: Path, threads: int | None, shared: dict | None = None) -> ort.InferenceSession:
+    """shared: initializer name -> OrtValue, used instead of the graph's own copy."""
     if not path.is_file():
         raise ArtifactError(f"{path} not found; export the ONNX graphs first (make generate BACKEND=onnx ...)")
     opts = ort.SessionOptions()
@@ -43,28 +42,21 @@ def _session(path: Path, threads: int | None, shared: dict | None = None, spin: 
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, artifacts: str | Path, threads: int | None = None, prefill_chunk: int = 256, spin: bool = False):
-        """threads: the target's intra-op threads (default: onnxruntime's, one per core).
-        spin: busy-waiting pool workers. Off by default: between target calls the speculative
-        loop runs the drafter on the calling thread, and a worker spinning beside it slowed
-        the drafting round and the next verify pass (measured on 2 cores: speculative /
-        greedy 1.68-1.70x without spinning vs 1.54-1.60x with it, greedy itself no slower);
-        on phones spinning also burns battery."""
+    def __init__(self, artifacts: str | Path, threads: int | None = None, prefill_chunk: int = 256):
         self.dir = Path(artifacts)
-        self.spin = spin
         layout_file = self.dir / LAYOUT_FILE
         if not layout_file.is_file():
             raise ArtifactError(f"{layout_file} not found: {self.dir} is not an ONNX export of this toolchain")
         self.layout = json.loads(layout_file.read_text())
-        # The target gets the intra-op pool; the embedding lookup and the drafter graphs are
-        # too small to gain from threads and run on the calling thread alone.
+        # The target gets the intra-op pool; the embedding lookup and the drafter step are too
+        # small to gain from threads and run on the calling thread, so they never contend
+        # with the target pool's spinning workers.
         self.shared = self._load_shared()
         self.embed_sess = self._open("embed.onnx", 1)
         self.target_sess = self._open("target.onnx", threads)
@@ -104,7 +96,7 @@ class OnnxBackend:
 
     def _open(self, graph: str, threads: int | None) -> ort.InferenceSession:
         shared = {users[graph]: value for users, value, _ in self.shared if graph in users}
-        return _session(self.dir / graph, threads, shared, self.spin)
+        return _session(self.dir / graph, threads, shared)
 
     def reset(self) -> None:
         shapes = self.layout["cache_shapes"]
