@@ -66,12 +66,16 @@ def _timed(timer, kind, fn, *args):
     return out
 
 
-def chained_drafts(backend, token: int, state, position: int, k: int) -> list[int]:
-    """k greedy drafts from k single `draft` steps (what `draft_tokens` computes in one call;
-    backends fall back to this for exports without the drafting-round graphs)."""
+def chained_drafts(backend, token: int, state, position: int, k: int, timer: StepTimer | None = None) -> list[int]:
+    """k greedy drafts from k single `draft` steps, all at `position` (what `draft_tokens`
+    computes in one call; backends fall back to this for exports without the drafting-round
+    graphs). timer: records each step as kind "draft"."""
     drafts = []
     for _ in range(k):
-        logits, state = backend.draft(token, state, position)
+        if timer is None:
+            logits, state = backend.draft(token, state, position)
+        else:
+            logits, state = _timed(timer, "draft", backend.draft, token, state, position)
         token = int(np.argmax(logits))
         drafts.append(token)
     return drafts
@@ -143,11 +147,7 @@ def speculative_generate(
         if round_drafter is not None and k > 0:
             drafts = _timed(timer, f"draft_round{k}", round_drafter, tok, h, pos, k)
         else:
-            drafts, t, s = [], tok, h
-            for _ in range(k):  # all drafter steps sit at position pos
-                d_logits, s = _timed(timer, "draft", backend.draft, t, s, pos)
-                t = int(np.argmax(d_logits))
-                drafts.append(t)
+            drafts = chained_drafts(backend, tok, h, pos, k, timer)
         # verify: [tok, d_1..d_k] at positions pos..pos+k -> logits [k+1, V]
         logits, hidden = _timed(timer, f"verify{k + 1}", backend.target, [tok] + drafts, pos)
         stats.target_passes += 1
