@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from export.checkpoint import load_pair
-from export.demo.train import balanced_token_ordering, corpus_files, drafter_masks, main
+from export.demo.train import balanced_token_ordering, corpus_files, drafter_masks, greedy_pool, main, mixed_batches
 from runtime.reference import ReferencePair
 
 
@@ -38,9 +38,32 @@ def test_corpus_skips_tests_and_bundled_data():
 def test_training_script_end_to_end_at_toy_size(tmp_path):
     out = tmp_path / "weights"
     code = main(
-        ["--out", str(out), "--target-steps", "2", "--drafter-steps", "2", "--seq-len", "96", "--batch", "2"]
+        ["--out", str(out), "--target-steps", "2", "--drafter-steps", "2", "--seq-len", "96", "--batch", "2",
+         "--pool-size", "3", "--pool-prompt-len", "40"]
     )
     assert code == 0
     target, drafter = load_pair(out / "target", out / "assistant")  # strict loader, pair check
     new, stats = ReferencePair(target, drafter).generate([2, 100, 200, 300], 6, 2, stop_at_eos=False)
     assert len(new) == 6 and stats.drafted > 0
+
+
+def test_greedy_pool_is_the_targets_own_greedy_text(demo_dirs):
+    target, _ = load_pair(demo_dirs[0], None)
+    stream = torch.randint(4, target.config.vocab_size, (500,), generator=torch.Generator().manual_seed(0))
+    pool = greedy_pool(target, stream, size=3, prompt_len=8, seq_len=40, seed=0, batch=2)
+    assert pool.shape == (3, 40)
+    with torch.no_grad():
+        greedy = target(input_ids=pool).logits.argmax(-1)
+    # every token after the prompt is the target's argmax given everything before it
+    assert torch.equal(greedy[:, 7:-1], pool[:, 8:])
+    prompts = [stream[i : i + 8] for i in range(len(stream) - 8)]
+    assert all(any(torch.equal(row[:8], p) for p in prompts) for row in pool)  # prompts are corpus windows
+
+
+def test_mixed_batches_take_half_from_the_pool():
+    stream = torch.arange(1000)
+    pool = torch.full((5, 20), -1)
+    for x in mixed_batches(stream, pool, seq_len=16, batch=4, steps=3, seed=0):
+        assert x.shape == (4, 16)
+        assert (x[:2] >= 0).all() and (x[2:] == -1).all()
+    assert all((x >= 0).all() for x in mixed_batches(stream, None, 16, 4, 3, 0))

@@ -10,14 +10,17 @@ Steps:
    512-token windows so that every batch runs past the 64-token sliding window.
 4. token ordering: balanced k-means of the target's (tied) output embeddings into
    `num_centroids` equal clusters; the drafter's centroid head picks among them.
-5. drafter: `Gemma4AssistantForCausalLM`, distilled from the frozen target exactly the way it
-   is used: from the target's final hidden state at p and the token at p+1, at position id
+5. greedy pool: corpus windows of `prompt_len` tokens continued greedily by the frozen target
+   to the drafter's training length: the kind of text the drafter meets at inference, where
+   every context is the target's own greedy output.
+6. drafter: `Gemma4AssistantForCausalLM`, distilled from the frozen target exactly the way it
+   is used, on batches half corpus windows and half greedy-pool sequences: from the target's final hidden state at p and the token at p+1, at position id
    p+1, attending to the target's shared K/V of positions <= p (full layers: all of them;
    sliding layers: the last window+1, as transformers' drafter does), unrolled for
    `draft_steps` steps on its own projected state, each step trained to predict the
    target's greedy token (plus a cross-entropy on the cluster of that token for the
    centroid head).
-6. save both as Hugging Face directories (safetensors) with tokenizer.json.
+7. save both as Hugging Face directories (safetensors) with tokenizer.json.
 
 Everything is seeded; the same Python version and thread count give the same weights.
 """
@@ -198,6 +201,31 @@ def target_teacher(target, x: torch.Tensor):
     return hidden, greedy, shared, embeds
 
 
+@torch.no_grad()
+def greedy_pool(target, stream: torch.Tensor, size: int, prompt_len: int, seq_len: int, seed: int, batch: int = 32):
+    """`size` sequences of `seq_len` tokens: a corpus window of `prompt_len` tokens, then the
+    target's greedy continuation (KV cache, no EOS stop)."""
+    seqs = []
+    for x in batches(stream, prompt_len, batch, math.ceil(size / batch), seed):
+        out = target(input_ids=x, use_cache=True)
+        cache, ids = out.past_key_values, [x, out.logits[:, -1:].argmax(-1)]
+        for _ in range(seq_len - prompt_len - 1):
+            ids.append(target(input_ids=ids[-1], past_key_values=cache, use_cache=True).logits.argmax(-1))
+        seqs.append(torch.cat(ids, dim=1))
+        log(f"greedy pool {min(len(seqs) * batch, size)}/{size}")
+    return torch.cat(seqs)[:size]
+
+
+def mixed_batches(stream, pool, seq_len: int, batch: int, steps: int, seed: int):
+    """Half corpus windows, half greedy-pool sequences (all of the batch when `pool` is None)."""
+    from_pool = 0 if pool is None else batch // 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    for x in batches(stream, seq_len, batch - from_pool, steps, seed):
+        if from_pool:
+            x = torch.cat([x, pool[torch.randint(0, len(pool), (from_pool,), generator=gen), :seq_len]])
+        yield x
+
+
 def drafter_unrolled_loss(drafter, target, x, draft_steps: int, cluster_of: torch.Tensor | None):
     hidden, greedy, shared, embeds = target_teacher(target, x)
     batch, seq = x.shape
@@ -232,7 +260,7 @@ def drafter_unrolled_loss(drafter, target, x, draft_steps: int, cluster_of: torc
     return torch.stack(losses).mean(), accs
 
 
-def train_drafter(drafter, target, stream, steps, seq_len, batch, lr, seed, draft_steps):
+def train_drafter(drafter, target, stream, steps, seq_len, batch, lr, seed, draft_steps, pool=None):
     for p in target.parameters():
         p.requires_grad_(False)
     cluster_of = None
@@ -243,7 +271,7 @@ def train_drafter(drafter, target, stream, steps, seq_len, batch, lr, seed, draf
     drafter.train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     t0 = time.time()
-    for step, x in enumerate(batches(stream, seq_len, batch, steps, seed)):
+    for step, x in enumerate(mixed_batches(stream, pool, seq_len, batch, steps, seed)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
         loss, accs = drafter_unrolled_loss(drafter, target, x, draft_steps, cluster_of)
@@ -273,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("export/demo/weights"))
     ap.add_argument("--target-steps", type=int, default=1100)
-    ap.add_argument("--drafter-steps", type=int, default=3000)
+    ap.add_argument("--drafter-steps", type=int, default=3500)
+    ap.add_argument("--pool-size", type=int, default=2048, help="greedy-pool sequences (0: corpus only)")
+    ap.add_argument("--pool-prompt-len", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--draft-steps", type=int, default=4, help="unrolled drafter steps in training")
@@ -281,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drafter-only", action="store_true", help="reuse <out>/target, retrain the drafter")
     args = ap.parse_args(argv)
+    drafter_len = args.seq_len // 2  # the drafter trains on half-length windows
+    if args.pool_size < 0 or not 0 < args.pool_prompt_len < drafter_len:
+        ap.error(f"need --pool-size >= 0 and --pool-prompt-len in 1..{drafter_len - 1} (drafter windows: {drafter_len})")
 
     from export.hf_compat import patch_transformers
 
@@ -313,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     ordering = balanced_token_ordering(target.lm_head.weight.detach(), pair.drafter.num_centroids, args.seed)
     drafter.masked_embedding.token_ordering.copy_(ordering)
     log(f"drafter: {sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M parameters")
+    pool = None
+    if args.pool_size:
+        pool = greedy_pool(target, stream, args.pool_size, args.pool_prompt_len, drafter_len, args.seed + 3)
     train_drafter(
-        drafter, target, stream, args.drafter_steps, args.seq_len // 2, args.batch, 3e-3, args.seed + 2, args.draft_steps
+        drafter, target, stream, args.drafter_steps, drafter_len, args.batch, 3e-3, args.seed + 2, args.draft_steps, pool
     )
 
     target.generation_config.eos_token_id = list(pair.target.eos_token_ids)
