@@ -14,12 +14,12 @@ Steps:
    to the drafter's training length: the kind of text the drafter meets at inference, where
    every context is the target's own greedy output.
 6. drafter: `Gemma4AssistantForCausalLM`, distilled from the frozen target exactly the way it
-   is used, on batches half corpus windows and half greedy-pool sequences: from the target's final hidden state at p and the token at p+1, at position id
-   p+1, attending to the target's shared K/V of positions <= p (full layers: all of them;
-   sliding layers: the last window+1, as transformers' drafter does), unrolled for
-   `draft_steps` steps on its own projected state, each step trained to predict the
-   target's greedy token (plus a cross-entropy on the cluster of that token for the
-   centroid head).
+   is used, on batches of half corpus windows and half greedy-pool sequences: from the
+   target's final hidden state at p and the token at p+1, at position id p+1, attending to
+   the target's shared K/V of positions <= p (full layers: all of them; sliding layers: the
+   last window+1, as transformers' drafter does), unrolled for `draft_steps` steps on its
+   own projected state, each step trained to predict the target's greedy token (plus a
+   cross-entropy on the cluster of that token for the centroid head).
 7. save both as Hugging Face directories (safetensors) with tokenizer.json.
 
 Everything is seeded; the same Python version and thread count give the same weights.
