@@ -10,6 +10,7 @@ BACKEND        ?= torch
 MAX_NEW_TOKENS ?= 64
 DRAFT_TOKENS   ?= 0
 TARGET         ?= android
+SHAPE          ?= e4b
 OUT            ?= artifacts
 BENCH_OUT      ?= artifacts/bench
 
@@ -19,7 +20,7 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test generate export parity bench demo-model clean
+.PHONY: help venv test generate export parity bench demo-model random-pair clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
@@ -29,6 +30,7 @@ help:
 	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
+	@echo "make random-pair SHAPE=e4b|e2b|e4b-multimodal OUT=dir   a random-weight pair of the real proportions"
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +40,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+# two workers (one per core): each test module, and each shape of tests/test_shapes.py, is one
+# xdist group, so every export a module builds is built once (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 generate: $(STAMP)
 	@$(PY) -m runtime.generate $(GEN_ARGS)
@@ -55,6 +59,9 @@ parity: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+random-pair: $(STAMP)
+	$(PY) -m export.random_pair --shape $(SHAPE) --out $(OUT)
 
 demo-model: $(STAMP)
 	$(PY) -m export.demo.train --out export/demo/weights

@@ -93,6 +93,8 @@ class TargetSpec:
     eos_token_ids: tuple[int, ...] = (1, 106)
     bos_token_id: int = 2
     pad_token_id: int = 0
+    # E2B: the MLPs of the KV-shared layers are twice as wide (2 * intermediate_size)
+    use_double_wide_mlp: bool = False
 
     def __post_init__(self):
         if self.ple_dim <= 0 or self.ple_vocab_size <= 0:
@@ -117,8 +119,6 @@ class TargetSpec:
             raise UnsupportedModelError("MoE Gemma 4 (enable_moe_block=True, e.g. 26B-A4B) is not supported")
         if getattr(cfg, "attention_k_eq_v", False):
             raise UnsupportedModelError("attention_k_eq_v=True (shared K/V projection) is not supported")
-        if getattr(cfg, "use_double_wide_mlp", False):
-            raise UnsupportedModelError("use_double_wide_mlp=True (E2B) is not supported yet")
         rope = cfg.rope_parameters
         full_rope = rope[FULL]
         if full_rope.get("rope_type") not in ("proportional", "default"):
@@ -141,6 +141,7 @@ class TargetSpec:
             eos_token_ids=eos,
             bos_token_id=cfg.bos_token_id,
             pad_token_id=cfg.pad_token_id,
+            use_double_wide_mlp=bool(getattr(cfg, "use_double_wide_mlp", False)),
         )
 
     def to_hf(self):
@@ -178,6 +179,7 @@ class TargetSpec:
             eos_token_id=list(self.eos_token_ids),
             bos_token_id=self.bos_token_id,
             pad_token_id=self.pad_token_id,
+            use_double_wide_mlp=self.use_double_wide_mlp,
             **extra,
         )
 
@@ -245,6 +247,7 @@ class DrafterSpec:
             vocab_size_per_layer_input=0,
             hidden_size_per_layer_input=0,
             final_logit_softcapping=None,
+            use_double_wide_mlp=False,  # the drafter's MLP width is its own intermediate_size
         )
         for k in ("per_layer_config", "architectures", "transformers_version", "dtype"):
             text.pop(k, None)
@@ -313,6 +316,32 @@ PRESETS: dict[str, PairPreset] = {
             centroid_intermediate_top_k=32,
         ),
         notes="google/gemma-4-E4B-it and its assistant (shapes from the published configs)",
+    ),
+    # E2B: hidden 1536, ([sliding]*4 + [full]) * 7, one KV head, the last 20 layers KV-shared
+    # with double-wide MLPs; its assistant reads a 1536-wide backbone.
+    "e2b": PairPreset(
+        target=TargetSpec(
+            vocab_size=262_144,
+            hidden_size=1536,
+            intermediate_size=6144,
+            attention=AttentionLayout(_pattern(4, 7), 8, 1, 256, 512, 512, 20),
+            ple_dim=256,
+            ple_vocab_size=262_144,
+            final_logit_softcapping=30.0,
+            use_double_wide_mlp=True,
+        ),
+        drafter=DrafterSpec(
+            backbone_hidden_size=1536,
+            vocab_size=262_144,
+            hidden_size=256,
+            intermediate_size=2048,
+            attention=AttentionLayout(_DRAFTER_LAYERS, 4, 1, 256, 512, 512, 4),
+            use_ordered_embeddings=True,
+            num_centroids=2048,
+            centroid_intermediate_top_k=32,
+        ),
+        notes="google/gemma-4-E2B-it and its assistant (target from the published config; the "
+        "assistant's widths other than its backbone are taken as E4B's, inferred)",
     ),
     # Small Gemma-4-shaped pair: 12 layers ([sliding]*2 + [full]) * 4, the last 6 KV-shared
     # (two full and four sliding consumers), head_dim 32 / 64, window 64, PLE width 32.

@@ -191,12 +191,25 @@ def export_executorch(
     max_draft: int,
     quantization: dict | None = None,
     backend: str = "xnnpack",
+    methods: tuple[str, ...] | None = None,
 ) -> dict:
+    """methods: the compute methods to export (default all: `forward`, `target_step`,
+    `draft_step`, `draft_k1..draft_k{max_draft}`; `reset_caches`, `shared_kv` and the
+    metadata always). The runtimes need `target_step`; without `draft_k{k}` they chain
+    `draft_step` calls. Tests that check a shape lower fewer methods: lowering takes
+    minutes per method."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     spec = TargetSpec.from_hf(target.config)
     layout = CacheLayout(spec.attention, max_context, max_draft)
+    known = ["forward", "target_step"]
+    if drafter is not None:
+        known += ["draft_step"] + [f"draft_k{k}" for k in range(1, max_draft + 1)]
+    methods = known if methods is None else list(methods)
+    unknown = sorted(set(methods) - set(known))
+    if unknown or "target_step" not in methods:
+        raise ValueError(f"methods {methods}: target_step is required; known: {', '.join(known)}")
     pair = EtPair(target, drafter, layout).eval()
     quant_report = None
     if quantization:
@@ -213,18 +226,18 @@ def export_executorch(
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
     ids = torch.full((1, 3), spec.bos_token_id, dtype=torch.long)
     pos = torch.tensor([0])
+    state = torch.zeros(1, 1, spec.hidden_size)
     programs = {}
     with torch.no_grad():
-        for name, method in (("forward", _Forward), ("target_step", _TargetStep)):
+        for name in methods:
             t0 = time.time()
-            programs[name] = torch.export.export(method(pair), (ids, pos), dynamic_shapes=({1: tokens}, None))
+            if name in ("forward", "target_step"):
+                method = (_Forward if name == "forward" else _TargetStep)(pair)
+                programs[name] = torch.export.export(method, (ids, pos), dynamic_shapes=({1: tokens}, None))
+            else:
+                method = _DraftStep(pair) if name == "draft_step" else _DraftRound(pair, int(name[len("draft_k") :]))
+                programs[name] = torch.export.export(method, (ids[:, :1], state, pos))
             print(f"[executorch] exported {name} ({time.time() - t0:.1f}s)", flush=True)
-        if drafter is not None:
-            state = torch.zeros(1, 1, spec.hidden_size)
-            programs["draft_step"] = torch.export.export(_DraftStep(pair), (ids[:, :1], state, pos))
-            for k in range(1, max_draft + 1):
-                programs[f"draft_k{k}"] = torch.export.export(_DraftRound(pair, k), (ids[:, :1], state, pos))
-            print(f"[executorch] exported draft_step, draft_k1..draft_k{max_draft}", flush=True)
         programs["reset_caches"] = torch.export.export(_ResetCaches(pair), ())
         programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
     eos = target.generation_config.eos_token_id
@@ -273,7 +286,13 @@ def export_executorch(
 
 
 def write_executorch(
-    target, drafter, out_dir: Path, max_context: int, max_draft: int, quantization: dict | None = None
+    target,
+    drafter,
+    out_dir: Path,
+    max_context: int,
+    max_draft: int,
+    quantization: dict | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> dict:
     """pair.pte, layout.json (the cache layout, as for ONNX) and executorch_report.json
     (methods, metadata, delegated share per method) into out_dir."""
@@ -283,7 +302,9 @@ def write_executorch(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = export_executorch(target, drafter, out_dir / "pair.pte", max_context, max_draft, quantization)
+    info = export_executorch(
+        target, drafter, out_dir / "pair.pte", max_context, max_draft, quantization, methods=methods
+    )
     spec = TargetSpec.from_hf(target.config)
     layout = CacheLayout(spec.attention, max_context, max_draft)
     (out_dir / LAYOUT_FILE).write_text(json.dumps(layout_dict(target, drafter, layout), indent=1) + "\n")

@@ -189,29 +189,40 @@ def _grouped(k, v):
 
 
 def _attend(q, kt, v, bias):
-    """q: [1, H, N, d]; kt/v from `_grouped`; bias: [group*N, T] from `mask_bias` repeated per
-    query head of a KV group. The query heads of a group become rows of one 3-D matmul (no
-    broadcast copies of K/V); scaling 1.0 (Gemma 4 normalises q and k instead)."""
-    heads, n, d = q.shape[1], q.shape[2], q.shape[3]
+    """q: [1, N, H, d]; kt/v from `_grouped`; bias: [N*group, T] from `_Biases` (each query's
+    mask row repeated for the query heads of its KV group). The query heads of a group
+    become rows of one 3-D matmul (no broadcast copies of K/V); scaling 1.0 (Gemma 4
+    normalises q and k instead).
+
+    Rows are ordered (token, head in group): splitting a merged (head, token) row dim with a
+    symbolic token count makes torch.export emit a stride guard it cannot prove whenever
+    there is more than one KV head (E4B's 2); this order also needs no head transpose when
+    there is a single KV head."""
+    n, heads, d = q.shape[1], q.shape[2], q.shape[3]
     kvh = kt.shape[0]
-    scores = torch.bmm(q.reshape(kvh, -1, d), kt) + bias  # [kvh, group*N, T]
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kvh, group*N, d]
-    return out.reshape(1, heads, -1, d).transpose(1, 2).reshape(1, -1, heads * d)
+    rows = q.reshape(-1, kvh, heads // kvh, d).transpose(0, 1).reshape(kvh, -1, d)  # [kvh, N*group, d]
+    scores = torch.bmm(rows, kt) + bias  # [kvh, N*group, T]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kvh, N*group, d]
+    return out.reshape(kvh, -1, heads // kvh * d).transpose(0, 1).reshape(1, -1, heads * d)
 
 
 class _Biases:
-    """Per (cache type, group size): the [N, T] mask bias repeated for the query heads of a
-    KV group, built on first use in a call and shared by every layer of that shape."""
+    """Per (cache type, group size): the additive mask of `_attend`'s rows, [N*group, T], each
+    query's row repeated for the query heads of its KV group. Built on first use in a call
+    from the row positions (a broadcast compare, no expand-and-reshape of a mask whose
+    width is symbolic) and shared by every layer of that shape."""
 
-    def __init__(self, biases: dict):
-        self.biases, self.done = biases, {}
+    def __init__(self, positions: torch.Tensor, allowed: dict):
+        self.positions, self.allowed, self.done = positions, allowed, {}
 
     def get(self, layer_type: str, q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        group = q.shape[1] // kt.shape[0]
+        group = q.shape[2] // kt.shape[0]
         key = (layer_type, group)
         if key not in self.done:
-            b = self.biases[layer_type]
-            self.done[key] = b if group == 1 else b.repeat(group, 1)
+            rows = self.positions
+            if group > 1:  # [N] -> [N*group]: each position once per head of the group
+                rows = (rows[:, None] + torch.zeros(1, group, dtype=rows.dtype)).reshape(-1)
+            self.done[key] = mask_bias(self.allowed[layer_type](rows[:, None]))
         return self.done[key]
 
 
@@ -260,14 +271,21 @@ class TargetStep(nn.Module):
         ple = (proj + per_layer_inputs) * m.per_layer_input_scale
 
         rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in (SLIDING, FULL)}
-        q_pos = positions[:, None]
+        # masks as functions of the query rows' positions q_pos [R, 1] (R = N * group)
         # full caches: slot == position; valid up to each query's own position
-        full_allowed = torch.arange(self.layout.max_context)[None, :] <= q_pos
-        ring_pos = self.layout.ring_positions(start)
-        ring_ok = (ring_pos >= 0)[None, :] & (q_pos - ring_pos[None, :] < self.window)
-        new_ok = (positions[None, :] <= q_pos) & (q_pos - positions[None, :] < self.window)
-        sliding_allowed = torch.cat([ring_ok.expand(n, -1), new_ok], dim=1)
-        bias = _Biases({FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)})
+        slot_pos = torch.arange(self.layout.max_context)[None, :]
+        ring_pos = self.layout.ring_positions(start)[None, :]
+        new_pos = positions[None, :]
+
+        def full_allowed(q_pos):
+            return slot_pos <= q_pos
+
+        def sliding_allowed(q_pos):  # [ring before this call ; the N new entries]
+            ring_ok = (ring_pos >= 0) & (q_pos - ring_pos < self.window)
+            new_ok = (new_pos <= q_pos) & (q_pos - new_pos < self.window)
+            return torch.cat([ring_ok, new_ok], dim=1)
+
+        bias = _Biases(positions, {FULL: full_allowed, SLIDING: sliding_allowed})
 
         # Ring update after attending: each slot takes the newest new entry with its residue,
         # if any (shape-static in the slot count, no branch on N, no duplicate writes).
@@ -289,8 +307,8 @@ class TargetStep(nn.Module):
             cos, sin = rope[lt]
             rot = getattr(self, f"rot_{lt}")
             x = self.ops.rms(layer.input_layernorm, h)
-            # RoPE on [1, N, heads, d] (cos/sin [N, 1, d]), then heads first
-            q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot).transpose(1, 2)
+            # RoPE on [1, N, heads, d] (cos/sin [N, 1, d]); q stays token-major for _attend
+            q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot)
             if i < a.first_shared_layer:
                 k = _rope(self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim)), cos, sin, rot).transpose(1, 2)
                 v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), attn.head_dim)).transpose(1, 2)

@@ -14,6 +14,15 @@ DEMO = REPO / "export" / "demo" / "weights"
 PROMPTS = REPO / "calibration" / "prompts"
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs on two xdist workers (--dist loadgroup): every test module is one
+    group, so its module-scoped exports are built once, on one worker; a test that names its
+    own group (tests/test_shapes.py: one per shape) keeps it."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def demo_dirs() -> tuple[Path, Path]:
     target, assistant = DEMO / "target", DEMO / "assistant"

@@ -1,0 +1,137 @@
+"""The shape matrix: random-weight pairs with the real models' proportions (export/random_pair.py:
+E4B's 8/2 heads and 5:1 layers, E2B's single KV head and double-wide MLPs, a multimodal
+checkpoint, centroid heads other than the demo's) through ONNX and ExecuTorch fp32, held to
+`make parity`'s checks: logits, hidden states and producer caches within 1e-4 of transformers,
+greedy and speculative (k = 1..4) tokens identical to transformers' greedy tokens for 96 new
+tokens past two sliding windows, drafts equal to transformers' drafter, rollback.
+
+A new shape is one entry in `export.random_pair.SHAPES`; it is tested here without a change.
+The ExecuTorch programs here carry the methods the runtime calls, `target_step`,
+`draft_step` and one drafting-round method (`draft_k4`; k = 1..3 run as chained `draft_step`
+calls, the runtime's path for programs without that round method). Lowering dominates the
+time of this file (minutes per method); `forward` (the `target_step` graph without the
+hidden-state output) and every round method are tested on the demo pair
+(tests/test_executorch.py) and in the full exports of `make export`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.random_pair import SHAPES, write_pair
+
+MAX_CONTEXT, MAX_DRAFT = 256, 4
+NEW_TOKENS = 96
+PROMPT_LEN = 100  # window 32: past three windows
+# Random weights give near-ties. A prompt is used only if every greedy step's top-2 logit
+# gap in the reference is at least MIN_GAP: 1e-3 is ~400x the fp32 kernel difference
+# measured on these pairs (logits ~2.5 in magnitude, relative error ~1e-6), so an argmax
+# can only differ if an implementation is wrong.
+MIN_GAP = 1e-3
+ET_METHODS = ("target_step", "draft_step", f"draft_k{MAX_DRAFT}")
+
+
+def _clear_prompt(target) -> list[int]:
+    """The first seeded random prompt whose greedy continuation has no near-tie."""
+    from runtime.reference import ReferencePair
+
+    vocab = target.config.vocab_size
+    for seed in range(20):
+        prompt = [2] + np.random.RandomState(seed).randint(4, vocab, PROMPT_LEN - 1).tolist()
+        greedy, _ = ReferencePair(target).generate(prompt, NEW_TOKENS, 0, stop_at_eos=False)
+        with torch.no_grad():
+            logits = target(torch.tensor([prompt + greedy[:-1]])).logits[0, len(prompt) - 1 :]
+        top2 = logits.topk(2, dim=-1).values
+        if float((top2[:, 0] - top2[:, 1]).min()) >= MIN_GAP:
+            return prompt
+    raise AssertionError(f"no seeded prompt without a near-tie (gap < {MIN_GAP}); choose another weight seed")
+
+
+# one xdist group per shape: its export and checks stay on one worker (tests/conftest.py)
+@pytest.fixture(scope="module", params=[pytest.param(s, marks=pytest.mark.xdist_group(f"shape-{s}")) for s in sorted(SHAPES)])
+def shape_pair(request, tmp_path_factory):
+    from export.checkpoint import load_pair
+
+    root = tmp_path_factory.mktemp(request.param)
+    t_dir, a_dir = write_pair(request.param, root)
+    target, drafter = load_pair(t_dir, a_dir)
+    return request.param, root, target, drafter, _clear_prompt(target)
+
+
+def _parity(backend, target, drafter, prompt, label):
+    """`make parity`'s checks for one prompt; returns the failed ones."""
+    from runtime.parity import Reference, Report, check_prompt
+
+    report = Report()
+    check_prompt(report, Reference(target, drafter), backend, backend.layout, prompt, NEW_TOKENS, label)
+    assert len(report.checks) >= 16  # 7 tensors and greedy, k = 1..4 tokens and drafts, rollback
+    return [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
+
+
+def test_onnx_matches_transformers(shape_pair):
+    from export.onnx_export import export_onnx
+    from runtime.onnx_backend import OnnxBackend
+
+    name, root, target, drafter, prompt = shape_pair
+    export_onnx(target, drafter, root / "onnx", MAX_CONTEXT, MAX_DRAFT)
+    assert _parity(OnnxBackend(root / "onnx"), target, drafter, prompt, f"onnx/{name}") == []
+
+
+def test_executorch_matches_transformers(shape_pair):
+    import json
+
+    from export.executorch_export import write_executorch
+    from runtime.executorch_backend import ExecuTorchBackend
+
+    name, root, target, drafter, prompt = shape_pair
+    info = write_executorch(target, drafter, root / "executorch", MAX_CONTEXT, MAX_DRAFT, methods=ET_METHODS)
+    # the dynamic token count survives (prefill chunks, decode and verify from one method)
+    io = json.loads((root / "executorch" / "executorch_report.json").read_text())["io"]
+    assert io["target_step"]["inputs"][0]["shape"] == [1, "tokens"]
+    for method, share in info["delegation"].items():
+        assert share["matmuls_outside"] == [], (method, share)
+    assert _parity(ExecuTorchBackend(root / "executorch"), target, drafter, prompt, f"executorch/{name}") == []
+
+
+def test_shapes_carry_the_real_proportions():
+    """What each shape is for (so an edit to SHAPES cannot quietly drop a property)."""
+    from export.config import FULL, SLIDING
+
+    e4b, e2b, mm = SHAPES["e4b"], SHAPES["e2b"], SHAPES["e4b-multimodal"]
+    a = e4b.target.attention
+    assert (a.num_attention_heads, a.num_key_value_heads, a.global_head_dim // a.head_dim) == (8, 2, 2)
+    assert a.layer_types[:6] == (SLIDING,) * 5 + (FULL,) and a.num_kv_shared_layers > 0
+    assert e4b.drafter.use_ordered_embeddings
+    assert (e4b.drafter.num_centroids, e4b.drafter.centroid_intermediate_top_k) != (64, 8)  # the demo's
+    b = e2b.target.attention
+    assert b.num_key_value_heads == 1 and b.layer_types[:5] == (SLIDING,) * 4 + (FULL,)
+    assert e2b.target.use_double_wide_mlp and not e2b.drafter.use_ordered_embeddings
+    assert mm.multimodal
+
+
+def test_double_wide_mlps_are_in_the_shared_layers(tmp_path):
+    from export.checkpoint import load_target, read_config
+
+    t_dir, _ = write_pair("e2b", tmp_path)
+    spec = read_config(t_dir).spec
+    target = load_target(t_dir)
+    widths = [layer.mlp.gate_proj.out_features for layer in target.model.layers]
+    first = spec.attention.first_shared_layer
+    assert spec.use_double_wide_mlp
+    assert set(widths[:first]) == {spec.intermediate_size} and set(widths[first:]) == {2 * spec.intermediate_size}
+
+
+def test_random_pair_cli_refuses_an_unknown_shape(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.random_pair", "--shape", "e9b", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2 and "unknown shape 'e9b'; known: e2b, e4b, e4b-multimodal" in proc.stderr
+    assert not (tmp_path / "x").exists()
