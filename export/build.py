@@ -27,6 +27,7 @@ verify2_ms.., draft_ms, e.g. the `draft_calibration.step_costs_ms` of an earlier
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -195,6 +196,7 @@ def build_target(
             export_onnx(t_fresh, d_fresh, d, target_cfg.max_context, target_cfg.max_draft)
             copy_tokenizer(checkpoint, d)
             if ox.linear == "int4":
+                from export.quantize import check_keep_8bit
                 from export.quantize_onnx import quantize_onnx_graph
 
                 # last graph first: a graph's shared tensors live in files of graphs before it,
@@ -202,6 +204,7 @@ def build_target(
                 graphs = [g for g in graph_order(d) if g != "embed.onnx"]
                 counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in reversed(graphs)}
                 counts = {g: counts[g] for g in graphs}
+                check_keep_8bit(ox.keep_8bit, {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
                 share_weights(d)
                 quant["onnx"] = {
                     "linear": "int4 MatMulNBits",
@@ -278,6 +281,8 @@ def build_target(
                 for k in ("max_context", "max_draft", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
             },
             "prefill_chunk": target_cfg.prefill_chunk,
+            # the gates this export was judged by: `make parity ARTIFACTS=` reads them from here
+            "gates": dataclasses.asdict(target_cfg.gates),
             "draft_tokens": calibration["draft_tokens"],
             "eos_token_ids": layout["eos_token_ids"],
             "bos_token_id": layout["bos_token_id"],
@@ -357,6 +362,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_gates(manifest: dict):
+    """The quality gates an export was built with (from its manifest, not today's targets/)."""
+    from export.targets import Gates
+
+    if "gates" not in manifest:
+        raise ExportError("the manifest records no gates (an export from before they were recorded); re-run `make export`")
+    return Gates(**manifest["gates"])
 
 
 def verify_manifest(directory: Path) -> dict:

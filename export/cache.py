@@ -21,12 +21,12 @@ CACHE_ROOT = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "expor
 DEFAULT_MAX_CONTEXT = 1024
 DEFAULT_MAX_DRAFT = 4
 _HERE = Path(__file__).parent
+_COMMON = ("config.py", "hf_compat.py", "checkpoint.py", "modules.py", "onnx_export.py")
 EXPORTER_SOURCES = {
-    "onnx": [_HERE / name for name in ("modules.py", "onnx_export.py", "onnx_data.py", "checkpoint.py")],
-    "executorch": [
-        _HERE / name for name in ("modules.py", "onnx_export.py", "executorch_export.py", "quantize.py", "checkpoint.py")
-    ],
+    "onnx": [_HERE / name for name in (*_COMMON, "onnx_data.py")],
+    "executorch": [_HERE / name for name in (*_COMMON, "executorch_export.py", "quantize.py")],
 }
+TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "executorch", "torchao")
 
 
 def _fingerprint(path: Path | None) -> list:
@@ -40,9 +40,7 @@ def _fingerprint(path: Path | None) -> list:
 
 
 def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) -> str:
-    import onnx
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     blob = json.dumps(
         {
@@ -51,7 +49,7 @@ def export_key(kind: str, checkpoint: Path, assistant: Path | None, **settings) 
             "assistant": [str(Path(assistant).resolve()) if assistant else None, _fingerprint(assistant)],
             "settings": settings,
             "exporter": [hashlib.sha256(p.read_bytes()).hexdigest() for p in EXPORTER_SOURCES[kind]],
-            "versions": [torch.__version__, transformers.__version__, onnx.__version__],
+            "versions": {name: version(name) for name in TOOLCHAIN},
         },
         sort_keys=True,
     )

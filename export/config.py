@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
+from runtime.artifacts import FULL, SLIDING, eos_ids
 
 
 class UnsupportedModelError(ValueError):
@@ -123,8 +122,6 @@ class TargetSpec:
         full_rope = rope[FULL]
         if full_rope.get("rope_type") not in ("proportional", "default"):
             raise UnsupportedModelError(f"full-attention rope_type {full_rope.get('rope_type')!r} is not supported")
-        eos = cfg.eos_token_id
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
@@ -138,7 +135,7 @@ class TargetSpec:
             partial_rotary_factor_full=full_rope.get("partial_rotary_factor", 1.0),
             max_position_embeddings=cfg.max_position_embeddings,
             rms_norm_eps=cfg.rms_norm_eps,
-            eos_token_ids=eos,
+            eos_token_ids=eos_ids(cfg.eos_token_id),
             bos_token_id=cfg.bos_token_id,
             pad_token_id=cfg.pad_token_id,
             use_double_wide_mlp=bool(getattr(cfg, "use_double_wide_mlp", False)),

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from export.config import FULL, SLIDING, TargetSpec
-from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
+from export.config import TargetSpec
+from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
+from runtime.artifacts import LAYOUT_FILE, eos_ids
 
 
 class EtPair(torch.nn.Module):
@@ -56,9 +57,8 @@ class EtPair(torch.nn.Module):
         return logits, hidden
 
     def shared_caches(self) -> list[torch.Tensor]:
-        producers = self.layout.attention.kv_producers()
-        full, sliding = producers[FULL], producers[SLIDING]
-        return [getattr(self, f"{kv}_cache_{i}") for i in (full, sliding) for kv in ("k", "v")]
+        caches = self.caches()
+        return [caches[i] for i in self.layout.shared_cache_indices()]
 
     def run_draft(self, token, state, input_pos):
         embeds, _ = self.embed(token)
@@ -113,11 +113,7 @@ class _SharedKV(_Forward):
     """Copies of the producer caches the drafter reads (parity checks)."""
 
     def forward(self):
-        producers = self.pair.layout.attention.kv_producers()
-        out = []
-        for i in (producers[FULL], producers[SLIDING]):
-            out += [getattr(self.pair, f"k_cache_{i}").clone(), getattr(self.pair, f"v_cache_{i}").clone()]
-        return tuple(out)
+        return tuple(c.clone() for c in self.pair.shared_caches())
 
 
 MATMUL_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.linear", "aten.matmul", "aten.convolution")
@@ -240,8 +236,7 @@ def export_executorch(
             print(f"[executorch] exported {name} ({time.time() - t0:.1f}s)", flush=True)
         programs["reset_caches"] = torch.export.export(_ResetCaches(pair), ())
         programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
-    eos = target.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    eos = list(eos_ids(target.generation_config.eos_token_id))
     metadata = {
         "get_max_seq_len": max_context,
         "get_max_context_len": max_context,
@@ -297,8 +292,6 @@ def write_executorch(
     """pair.pte, layout.json (the cache layout, as for ONNX) and executorch_report.json
     (methods, metadata, delegated share per method) into out_dir."""
     import json
-
-    from export.onnx_export import LAYOUT_FILE, layout_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from export.config import FULL, SLIDING, AttentionLayout
+from runtime.artifacts import cache_names, eos_ids
 
 NEG = -1e30  # finite fill: masked scores and centroid-head non-candidates
 
@@ -73,7 +74,13 @@ class CacheLayout:
         return (1, self.attention.kv_heads(lt), self.slots(layer), self.attention.head_dim_of(lt))
 
     def cache_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in self.owners for kv in ("key", "value")]
+        return cache_names(self.owners)
+
+    def shared_cache_indices(self) -> list[int]:
+        """Where the caches the drafter reads sit in the flat cache list (key, value per
+        owner), in `SHARED_KV_NAMES` order: the last full and the last sliding owner."""
+        producers = self.attention.kv_producers()
+        return [2 * self.owners.index(producers[t]) + kv for t in (FULL, SLIDING) for kv in (0, 1)]
 
     def ring_positions(self, start: torch.Tensor) -> torch.Tensor:
         """Absolute position held by each ring slot before a call starting at `start`:
@@ -87,6 +94,40 @@ class CacheLayout:
         slot = torch.arange(s, dtype=torch.long)
         # dividend kept non-negative: ExecuTorch's int remainder follows C sign rules
         return (start - 1) - torch.remainder(start - 1 - slot + s, s)
+
+
+def layout_dict(target, drafter, layout: CacheLayout) -> dict:
+    """layout.json (runtime/artifacts.py names it): what a runtime needs to drive an
+    export of either format (cache shapes and owners, producers, ids, sizes)."""
+    from export.config import TargetSpec
+
+    spec = TargetSpec.from_hf(target.config)
+    a = layout.attention
+    producers = a.kv_producers()
+    return {
+        "format_version": 1,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "num_layers": a.num_layers,
+        "ple_dim": spec.ple_dim,
+        "sliding_window": a.sliding_window,
+        "max_context": layout.max_context,
+        "max_draft": layout.max_draft,
+        "ring_slots": layout.ring_slots,
+        "cache_owners": layout.owners,
+        "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
+        "layer_types": list(a.layer_types),
+        "kv_producers": producers,
+        "eos_token_ids": list(eos_ids(target.generation_config.eos_token_id)),
+        "bos_token_id": spec.bos_token_id,
+        "drafter": None
+        if drafter is None
+        else {
+            "hidden_size": drafter.config.get_text_config().hidden_size,
+            "backbone_hidden_size": drafter.config.backbone_hidden_size,
+            "use_ordered_embeddings": drafter.config.use_ordered_embeddings,
+        },
+    }
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

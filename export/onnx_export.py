@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-from export.config import FULL, SLIDING, TargetSpec
-from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep
+from export.config import TargetSpec
+from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
 from export.onnx_data import dedup_external_data, fold_weight_transposes
+from runtime.artifacts import LAYOUT_FILE, SHARED_KV_NAMES
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
-LAYOUT_FILE = "layout.json"
-SHARED_KV_NAMES = [f"shared_kv.{t}.{kv}" for t in (FULL, SLIDING) for kv in ("key", "value")]
 
 
 def draft_graph_name(k: int) -> str:
@@ -65,37 +64,6 @@ class _ListCaches(torch.nn.Module):
 
     def forward(self, inputs_embeds, per_layer_inputs, position_ids, caches: list[torch.Tensor]):
         return self.step(inputs_embeds, per_layer_inputs, position_ids, *caches)
-
-
-def layout_dict(target, drafter, layout: CacheLayout) -> dict:
-    spec = TargetSpec.from_hf(target.config)
-    a = layout.attention
-    producers = a.kv_producers()
-    eos = target.generation_config.eos_token_id
-    return {
-        "format_version": 1,
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "num_layers": a.num_layers,
-        "ple_dim": spec.ple_dim,
-        "sliding_window": a.sliding_window,
-        "max_context": layout.max_context,
-        "max_draft": layout.max_draft,
-        "ring_slots": layout.ring_slots,
-        "cache_owners": layout.owners,
-        "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
-        "layer_types": list(a.layer_types),
-        "kv_producers": producers,
-        "eos_token_ids": list(eos) if isinstance(eos, (list, tuple)) else [eos],
-        "bos_token_id": spec.bos_token_id,
-        "drafter": None
-        if drafter is None
-        else {
-            "hidden_size": drafter.config.get_text_config().hidden_size,
-            "backbone_hidden_size": drafter.config.backbone_hidden_size,
-            "use_ordered_embeddings": drafter.config.use_ordered_embeddings,
-        },
-    }
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None):
@@ -150,8 +118,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
         if drafter is not None:
             print("[onnx] drafter graph", flush=True)
             dstep = DrafterStep(drafter, layout).eval()
-            p = layout.attention.kv_producers()
-            shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
+            shared = [caches[i] for i in layout.shared_cache_indices()]
             inp = torch.zeros(1, 1, 2 * spec.hidden_size)
             _export(
                 dstep,

@@ -96,11 +96,27 @@ def quantize_for_executorch(
 
             return pick
 
+        matched: set[str] = set()
         for module in modules:
+            for fqn, m in module.named_modules():
+                if isinstance(m, nn.Linear):
+                    matched |= {k for k in keep_8bit if k in fqn}
             quantize_(module, int4, filter_fn=chooser(4))
             quantize_(module, int8, filter_fn=chooser(8))
+        check_keep_8bit(keep_8bit, matched)
     report.update(counts)
     return report
+
+
+def check_keep_8bit(keep_8bit, matched) -> None:
+    """A `keep_8bit` pattern that names no linear is a typo in the target file: refuse it
+    instead of quantizing that layer to 4 bits without a word."""
+    unused = [k for k in keep_8bit if k not in matched]
+    if unused:
+        raise ValueError(
+            f"keep_8bit pattern(s) {unused} match no linear layer's module path; fix the target file "
+            "(patterns are substrings of paths such as 'model.layers.3.self_attn.q_proj')"
+        )
 
 
 def _untie(module: nn.Module) -> None:

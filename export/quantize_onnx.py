@@ -19,7 +19,8 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
     """Rewrite one graph (weights as external data) with MatMulNBits: the MatMuls of
     nn.Linear layers (found by the exporter's name scopes; the constant RoPE rotation and
     other matmuls are left alone) to 4-bit, or 8-bit where the module path contains one of
-    `keep_8bit`. Returns the number of MatMuls per bit width."""
+    `keep_8bit`. Returns the number of MatMuls per bit width and the `keep_8bit` patterns
+    that matched a linear here (`keep_8bit_matched`)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -27,6 +28,7 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
     model = onnx.load(str(path))
     groups: dict[int, list[str]] = {4: [], 8: []}
     others = []
+    matched = set()
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
@@ -35,6 +37,7 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
             others.append(node.name)
             continue
         scope = meta.get("pkg.torch.onnx.name_scopes", "")
+        matched |= {k for k in keep_8bit if k in scope}
         groups[8 if any(k in scope for k in keep_8bit) else 4].append(node.name)
     for bits, names in groups.items():
         if names:  # (the quantizer honours nodes_to_exclude; nodes_to_include alone is ignored)
@@ -63,4 +66,4 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
     if data.exists():
         data.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-    return {f"int{bits}": n for bits, n in done.items()}
+    return {**{f"int{bits}": n for bits, n in done.items()}, "keep_8bit_matched": sorted(matched)}

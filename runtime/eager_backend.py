@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.config import FULL, SLIDING, TargetSpec
+from export.config import TargetSpec
 from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
+from runtime.artifacts import eos_ids
 
 
 class EagerBackend:
@@ -18,14 +19,12 @@ class EagerBackend:
     def __init__(self, target, drafter, max_context: int = 1024, max_draft: int = 4):
         spec = TargetSpec.from_hf(target.config)
         self.layout = CacheLayout(spec.attention, max_context, max_draft)
+        self.vocab_size = spec.vocab_size
         self.embed = EmbedStep(target)
         self.step = TargetStep(target, self.layout)
         self.draft_step = DrafterStep(drafter, self.layout) if drafter is not None else None
-        eos = target.generation_config.eos_token_id
-        self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        producers = self.layout.attention.kv_producers()
-        owners = self.layout.owners
-        self._shared = [2 * owners.index(producers[t]) + kv for t in (FULL, SLIDING) for kv in (0, 1)]
+        self.eos_token_ids = eos_ids(target.generation_config.eos_token_id)
+        self._shared = self.layout.shared_cache_indices()
         self.reset()
 
     def reset(self) -> None:

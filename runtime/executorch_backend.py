@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from runtime.loop import chained_drafts
-from runtime.onnx_backend import LAYOUT_FILE, ArtifactError
+from runtime.artifacts import LAYOUT_FILE, ArtifactError
 
 PROGRAM_FILE = "pair.pte"
 
@@ -59,6 +59,7 @@ class ExecuTorchBackend:
         self.prefill_chunk = min(prefill_chunk, self.max_context)
         self.hidden_size = self.layout["hidden_size"]
         self.max_draft = self.layout["max_draft"]
+        self.vocab_size = int(self.program.load_method("get_vocab_size").execute([])[0])
         self.reset()
 
     def reset(self) -> None:

@@ -1,6 +1,7 @@
 """The greedy and speculative decoding loops, written once for every exported backend.
 
 A backend implements `StepBackend` (numpy in, numpy out, no torch):
+- `vocab_size` (optional): prompt ids outside it are refused before any call;
 - `reset()`: empty caches;
 - `target(ids, start)`: run the target over `ids` at positions start..start+N-1, writing
   their K/V; returns logits [N, V] and final hidden states [N, H]. Calling it again at an
@@ -81,6 +82,17 @@ def chained_drafts(backend, token: int, state, position: int, k: int, timer: Ste
     return drafts
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int | None) -> None:
+    """The one check of prompt ids every backend shares (raises ValueError, which the CLIs
+    report as `error: ...` with exit status 2)."""
+    if not prompt_ids:
+        raise ValueError("empty prompt: give at least one token")
+    if vocab_size is not None:
+        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+
+
 def _emit(new, out, eos, max_new, on_token) -> bool:
     """Append new tokens, stopping at EOS or max_new; True when generation is over."""
     for t in new:
@@ -99,6 +111,7 @@ def greedy_generate(
     eos_token_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
 ) -> tuple[list[int], GenerationStats, StepTimer]:
+    check_prompt_ids(prompt_ids, getattr(backend, "vocab_size", None))
     timer, stats, out = StepTimer(), GenerationStats(), []
     t0 = time.perf_counter()
     backend.reset()
@@ -134,6 +147,7 @@ def speculative_generate(
             f"window + {limit} + 1 slots, so longer rounds could evict entries still in the window); "
             f"use at most {limit} drafts or re-export with --max-draft {draft_tokens}"
         )
+    check_prompt_ids(prompt_ids, getattr(backend, "vocab_size", None))
     timer, stats, out = StepTimer(), GenerationStats(), []
     round_drafter = getattr(backend, "draft_tokens", None)
     t0 = time.perf_counter()

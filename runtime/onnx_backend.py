@@ -22,13 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.artifacts import LAYOUT_FILE, ArtifactError, cache_names, shared_kv_sources
 from runtime.loop import chained_drafts
 
-LAYOUT_FILE = "layout.json"
-
-
-class ArtifactError(ValueError):
-    """An artifacts directory that is missing files or does not fit this runtime."""
+__all__ = ["ArtifactError", "LAYOUT_FILE", "OnnxBackend"]
 
 
 def _session(path: Path, threads: int | None, shared: dict | None = None) -> ort.InferenceSession:
@@ -64,17 +61,12 @@ class OnnxBackend:
         self.drafter_sess = None  # opened on first use, as the drafting-round graphs
         self.round_sess: dict[int, ort.InferenceSession] = {}
         self.owners = self.layout["cache_owners"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in self.owners for kv in ("key", "value")]
+        self.past_names = cache_names(self.owners)
         self.prefill_chunk = min(prefill_chunk, self.layout["max_context"])
-        producers = self.layout["kv_producers"]
-        self.shared_names = {
-            "shared_kv.full_attention.key": f"past_key_values.{producers['full_attention']}.key",
-            "shared_kv.full_attention.value": f"past_key_values.{producers['full_attention']}.value",
-            "shared_kv.sliding_attention.key": f"past_key_values.{producers['sliding_attention']}.key",
-            "shared_kv.sliding_attention.value": f"past_key_values.{producers['sliding_attention']}.value",
-        }
+        self.shared_names = shared_kv_sources(self.layout["kv_producers"])
         self.eos_token_ids = tuple(self.layout["eos_token_ids"])
         self.max_draft = self.layout["max_draft"]
+        self.vocab_size = self.layout["vocab_size"]
         self.caches: dict[str, np.ndarray] = {}
         self.reset()
 
@@ -100,11 +92,7 @@ class OnnxBackend:
 
     def reset(self) -> None:
         shapes = self.layout["cache_shapes"]
-        self.caches = {
-            f"past_key_values.{i}.{kv}": np.zeros(shapes[str(i)], dtype=np.float32)
-            for i in self.owners
-            for kv in ("key", "value")
-        }
+        self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})

@@ -185,11 +185,12 @@ def producer_caches(backend, layout) -> dict[str, np.ndarray] | None:
     caches = getattr(backend, "caches", None)
     if caches is None:
         return None
-    prod = layout["kv_producers"]
+    from runtime.artifacts import shared_kv_sources
+
+    # "shared_kv.full_attention.key" -> "full.key", the names backend.shared_kv() uses
     return {
-        f"{t}.{kind}": caches[f"past_key_values.{prod[t + '_attention']}.{kind}"]
-        for t in ("full", "sliding")
-        for kind in ("key", "value")
+        name.split(".", 1)[1].replace("_attention", ""): caches[source]
+        for name, source in shared_kv_sources(layout["kv_producers"]).items()
     }
 
 
@@ -371,13 +372,12 @@ def main(argv=None) -> int:
     ref = Reference(target, drafter)
     report = Report()
     prompts = [(path.stem, tok.encode(path.read_text()).ids) for path in PROMPTS]
-    gates = None
     for name, (artifacts, backend, quantized) in backends.items():
         if quantized:
-            from export.targets import load_target
+            from export.build import manifest_gates
 
             manifest = json.loads((artifacts.parent / "manifest.json").read_text())
-            gates = gates or load_target(manifest["target"]).gates
+            gates = manifest_gates(manifest)  # the gates it was built with, not today's targets/
             print(f"parity: {name} {artifacts} (quantized) vs fp32 transformers, against the target's gates")
             from calibration.quality import calibration_prompts
 

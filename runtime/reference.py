@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from export.checkpoint import load_pair
+from runtime.artifacts import eos_ids
+from runtime.loop import check_prompt_ids
 from runtime.stats import GenerationStats
 
 
@@ -72,9 +74,7 @@ class ReferencePair:
     @property
     def eos_token_ids(self) -> list[int]:
         eos = self.target.generation_config.eos_token_id
-        if eos is None:
-            eos = self.target.config.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return list(eos_ids(self.target.config.eos_token_id if eos is None else eos))
 
     @torch.no_grad()
     def generate(
@@ -86,14 +86,9 @@ class ReferencePair:
         on_token: Callable[[int], None] | None = None,
     ) -> tuple[list[int], GenerationStats]:
         """Greedy (draft_tokens=0) or speculative generation; returns new ids and stats."""
-        if not prompt_ids:
-            raise ValueError("empty prompt: give at least one token")
+        check_prompt_ids(prompt_ids, self.target.config.vocab_size)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        vocab = self.target.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{vocab - 1}")
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
         if draft_tokens and self.drafter is None:

@@ -101,6 +101,25 @@ def test_parity_refuses_a_tampered_export(exported, tmp_path, capsys):
     assert "onnx/target.onnx.data: sha256 differs" in err and "refusing" in err
 
 
+def test_parity_judges_by_the_gates_the_export_was_built_with(exported, targets_dir, tmp_path):
+    """`make parity ARTIFACTS=` reads the gates from the manifest: a targets file edited
+    after the export (here to a gate nothing meets) does not change the verdict."""
+    import json
+
+    from runtime.parity import main as parity_main
+
+    path = targets_dir / "onnx4.toml"
+    path.write_text(TARGET.replace("max_mean_kl = 0.5", "max_mean_kl = 0.0"))
+    try:
+        out = tmp_path / "parity.json"
+        assert parity_main(["--artifacts", str(exported), "--new-tokens", "32", "--out", str(out)]) == 0
+    finally:
+        path.write_text(TARGET)
+    kl = next(c for c in json.loads(out.read_text())["checks"] if "mean KL" in c["name"])
+    assert kl["ok"] and "(gate <= 0.5)" in kl["detail"]
+    assert json.loads((exported / "manifest.json").read_text())["gates"]["max_mean_kl"] == 0.5
+
+
 def test_missed_gate_fails_and_writes_nothing(demo_dirs, targets_dir, tmp_path):
     from calibration.quality import GateError
 

@@ -204,3 +204,14 @@ def test_onnx_runtime_needs_no_torch(onnx_dir):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["new_token_ids"]) == 8 and out["stats"]["target_passes"] >= 1
+
+
+def test_out_of_vocabulary_prompt_is_refused_like_the_torch_backend(onnx_dir, random_pair_dir, capsys):
+    from runtime.generate import main
+
+    errors = []
+    for backend in (["--backend", "onnx", "--artifacts", str(onnx_dir)], ["--backend", "torch"]):
+        args = backend + ["--checkpoint", str(random_pair_dir / "target"), "--assistant", str(random_pair_dir / "assistant")]
+        assert main(args + ["--prompt-ids", "2,5000,7", "--max-new-tokens", "4", "--json"]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] == "error: prompt token id(s) [5000] outside the vocabulary 0..2047\n"

@@ -45,3 +45,11 @@ def test_quantize_tables_keeps_the_gemma_embedding_scale():
     assert quantize_tables([model]) == 2  # token table and PLE table
     out = model.model.embed_tokens(ids)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2  # int8: ~0.4% of the row max
+
+
+def test_keep_8bit_pattern_that_matches_nothing_is_refused():
+    import pytest
+
+    model = nn.ModuleDict({"head": nn.Linear(32, 32, bias=False)})
+    with pytest.raises(ValueError, match=r"keep_8bit pattern\(s\) \['lm_haed'\] match no linear"):
+        quantize_for_executorch([model], "8da4w", 32, "fp32", keep_8bit=["head", "lm_haed"])
