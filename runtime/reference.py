@@ -100,7 +100,9 @@ class ReferencePair:
         # Not stopping at EOS must not suppress it either (min_new_tokens would mask its logit
         # and change the greedy tokens): without EOS ids nothing stops early.
         config.min_new_tokens = None
-        config.eos_token_id = self.eos_token_ids if stop_at_eos else None
+        # None would be filled in from the model's generation config (transformers 5 merges unset
+        # fields), so "never stop" is an id no token has
+        config.eos_token_id = self.eos_token_ids if stop_at_eos else [-1]
         config.pad_token_id = self.target.config.pad_token_id
         for attr in ("temperature", "top_p", "top_k"):
             setattr(config, attr, None)

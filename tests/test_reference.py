@@ -139,3 +139,20 @@ def test_export_command_refuses_bad_input_and_writes_nothing(tmp_path):
     )
     assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ignoring_eos_runs_past_an_eos_token(random_pair_dir):
+    """stop_at_eos=False generates max_new_tokens even when the greedy text holds an EOS id
+    (transformers fills an unset eos_token_id from the model's generation config, so "no
+    EOS" must be said explicitly)."""
+    pair = ReferencePair.from_dirs(random_pair_dir / "target", random_pair_dir / "assistant")
+    prompt = [2] + list(range(10, 90))
+    free, _ = pair.generate(prompt, 24, 0, stop_at_eos=False)
+    pair.target.generation_config.eos_token_id = [free[5]]  # an id that the text does hold
+    try:
+        assert pair.generate(prompt, 24, 0, stop_at_eos=False)[0] == free
+        assert pair.generate(prompt, 24, 2, stop_at_eos=False)[0] == free
+        stopped, _ = pair.generate(prompt, 24, 0, stop_at_eos=True)
+        assert stopped == free[: free.index(free[5]) + 1]
+    finally:
+        pair.target.generation_config.eos_token_id = [1]
