@@ -269,6 +269,13 @@ def drafting_ms(costs: dict, k: int) -> float:
     return costs.get(f"draft_round{k}_ms", k * costs["draft_ms"])
 
 
+def predicted_speedup(tokens_per_round: float, costs: dict, k: int) -> float:
+    """Speculative over greedy tokens/s at k drafts: a round yields `tokens_per_round` tokens
+    (1 + the expected accepted drafts) for one verify(k+1) pass and one drafting of k,
+    where greedy yields one token per decode step."""
+    return tokens_per_round * costs["decode_ms"] / (costs[f"verify{k + 1}_ms"] + drafting_ms(costs, k))
+
+
 def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, max_draft: int, step_costs=None) -> dict:
     """Acceptance per draft position, step costs (measured unless given), predicted
     tokens/s for each draft length, and the choice."""
@@ -291,13 +298,12 @@ def calibrate_draft_length(backend, prompts: list[list[int]], new_tokens: int, m
         if missing:
             raise ValueError(f"step costs lack {missing}; give milliseconds for {needed}")
     costs = measure_step_costs(backend, prompts[0], max_draft) if measured else dict(step_costs)
-    predicted = {}
-    for k in range(1, max_draft + 1):
-        tokens_per_round = 1 + sum(p_at_least[:k])
-        ms = costs[f"verify{k + 1}_ms"] + drafting_ms(costs, k)
-        predicted[k] = round(1000 * tokens_per_round / ms, 1)
+    greedy_tok_s = 1000 / costs["decode_ms"]
+    predicted = {
+        k: round(greedy_tok_s * predicted_speedup(1 + sum(p_at_least[:k]), costs, k), 1) for k in range(1, max_draft + 1)
+    }
     best = max(predicted, key=predicted.get)
-    greedy = round(1000 / costs["decode_ms"], 1)
+    greedy = round(greedy_tok_s, 1)
     return {
         "rounds": rounds,
         "p_at_least_i_accepted": p_at_least,

@@ -221,7 +221,7 @@ def build_target(
         stage(5, f"draft-length calibration ({len(calib)} prompts)")
         primary = "executorch" if "executorch" in formats else "onnx"
         calibration = calibrate_draft_length(
-            _open(primary, formats[primary]), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
+            _open(primary, formats[primary], target_cfg.prefill_chunk), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
         )
         calibration["format"] = primary
         if target_cfg.draft_tokens != "auto":
@@ -240,7 +240,7 @@ def build_target(
         stage(6, f"quality vs fp32 on {len(heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
         misses = []
         for fmt, directory in formats.items():
-            backend = _open(fmt, directory)
+            backend = _open(fmt, directory, target_cfg.prefill_chunk)
             report = quality_report(
                 backend, fp32, reference, heldout, QUALITY_NEW_TOKENS, target_cfg.max_draft, extra_prompts=calib
             )
@@ -301,14 +301,15 @@ def build_target(
     return final
 
 
-def _open(fmt: str, directory: Path):
+def _open(fmt: str, directory: Path, prefill_chunk: int):
+    """A runtime backend over one format's artifacts, chunking prefill as the target file says."""
     if fmt == "executorch":
         from runtime.executorch_backend import ExecuTorchBackend
 
-        return ExecuTorchBackend(directory)
+        return ExecuTorchBackend(directory, prefill_chunk=prefill_chunk)
     from runtime.onnx_backend import OnnxBackend
 
-    return OnnxBackend(directory)
+    return OnnxBackend(directory, prefill_chunk=prefill_chunk)
 
 
 def _build_executorch(d: Path, checkpoint, assistant, cfg, methods: dict, quant: dict) -> Path:

@@ -2,7 +2,7 @@
 
 Steps:
 1. load the pair (strict) and fix the cache layout (max context, max draft -> ring slots);
-2. export three graphs with the dynamo exporter (opset 18), weights as external data:
+2. export the graphs with the dynamo exporter (opset 20), weights as external data:
    - `embed.onnx`: input_ids -> inputs_embeds, per_layer_inputs (the embedding table and
      the PLE table live only here; the drafter gets its token embedding from this graph);
    - `target.onnx`: inputs_embeds, per_layer_inputs, position_ids,

@@ -4,7 +4,7 @@ ExecuTorch (torchao, in place on the eager modules before torch.export, the form
 lowers to its quantized kernels):
 - linears `8da4w`: int8 dynamic per-token activations, int4 symmetric weights in groups of
   `group_size` along the input dim (layers whose input width is not a multiple of the group
-  stay fp32 and are listed);
+  get int8 weights, counted with the `keep_8bit` ones);
 - embeddings `int8`: int8 weights with one scale per row (`Int8Table`, plain ops), for the
   token table, the PLE table and the drafter's candidate-row table (its centroid head
   gathers rows of its LM head).

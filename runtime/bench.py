@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from calibration.quality import drafting_ms, median_ms
+from calibration.quality import HELDOUT as PROMPTS  # the held-out prompt files, listed once
+from calibration.quality import drafting_ms, median_ms, predicted_speedup
 from calibration.quality import measure_step_costs as step_costs
 from runtime.loop import StepTimer, greedy_generate, speculative_generate
 
-REPO = Path(__file__).resolve().parent.parent
-PROMPTS = sorted((REPO / "calibration" / "prompts").glob("heldout_*.py"))
 
 
 @torch.no_grad()
@@ -100,11 +99,6 @@ def bench_loops(backend, prompts, new_tokens, draft_lengths, repeats):
         {k: statistics.mean(v) for k, v in accept.items()},
         {k: t.mean_ms() for k, t in timers.items()},
     )
-
-
-def predicted_speedup(mal: float, decode_ms: float, verify_ms: float, drafting: float) -> float:
-    """drafting: ms to draft the round's k tokens."""
-    return mal * decode_ms / (verify_ms + drafting)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -220,7 +214,7 @@ def _entries(rates, ratios, accept, step_ms, costs, ks) -> dict:
                 "greedy_tok_s": round(rates[0], 2),
                 "speculative_tok_s": round(rates[k], 2),
                 "speedup": round(ratios[k], 3),
-                "predicted_speedup": round(predicted_speedup(accept[k], decode, verify, drafting), 3),
+                "predicted_speedup": round(predicted_speedup(accept[k], {"decode_ms": decode, f"verify{k + 1}_ms": verify, f"draft_round{k}_ms": drafting}, k), 3),
                 "mean_accepted_length": round(accept[k], 3),
                 "decode_step_ms": round(decode, 4),
                 "verify_step_ms": round(verify, 4),

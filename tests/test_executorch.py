@@ -68,7 +68,9 @@ def test_methods_metadata_and_delegation(program, pair):
         d = info["delegation"][name]
         # every linear and attention matmul inside XNNPACK, and most operators overall
         assert d["matmuls_outside"] == [], (name, d["matmuls_outside"])
-        assert d["delegated_share"] > 0.5, (name, d)
+        # measured 85-92% per method (README); a graph form XNNPACK rejects (a symbolic
+        # reshape split the target into 178 delegate calls once) drops well below this
+        assert d["delegated_share"] >= 0.84, (name, d)
 
 
 def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, prompt):

@@ -148,3 +148,17 @@ def test_killed_export_leaves_no_target_directory(demo_dirs, targets_dir, tmp_pa
     assert not (out / "onnx4").exists()
     if sig == signal.SIGTERM:  # unwound: the partial folder is removed too
         assert list(out.iterdir()) == []
+        return
+    # killed outright: the partial folder stays until the next export of the target clears it
+    (stale,) = list(out.glob(".onnx4.partial-*"))
+    again = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not [p for p in out.glob(".onnx4.partial-*") if p != stale]:  # the new export's own folder
+            assert again.poll() is None, "the second export ended before it started writing"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        assert not stale.exists()
+    finally:
+        again.kill()
+        again.wait(timeout=60)
