@@ -79,34 +79,14 @@ def batch_variance(backend, ids: list[int], windows: int = 24, k: int = 4) -> fl
     return worst
 
 
-class _Logits:
-    """Wraps a backend, keeping the last row of every target call (greedy: one per token)."""
-
-    def __init__(self, backend):
-        self.backend, self.rows = backend, []
-        self.name, self.eos_token_ids = backend.name, backend.eos_token_ids
-
-    def reset(self):
-        self.rows = []
-        self.backend.reset()
-
-    def target(self, ids, start):
-        logits, hidden = self.backend.target(ids, start)
-        self.rows.append(logits[-1])
-        return logits, hidden
-
-    def draft(self, token, state, position):
-        return self.backend.draft(token, state, position)
-
-
 def compare_speculative(backend, ids, new_tokens, max_draft, tie: float, fp32_backend=None):
     """Speculative output (k = 1..max_draft) against the backend's own greedy output. A
     divergence counts as a near-tie (allowed) only where the greedy top-2 logit gap is
     within `tie`; anything else is a mismatch. Returns (rows, accepted lengths per k,
     fp32 accepted lengths per k, the greedy output)."""
-    wrapped = _Logits(backend)
-    greedy, _, _ = greedy_generate(wrapped, ids, new_tokens)
-    gaps = [float(np.diff(np.sort(r)[-2:])[0]) for r in wrapped.rows]
+    rows_seen = []  # the last row of every target call (greedy: one per new token)
+    greedy, _, _ = greedy_generate(backend, ids, new_tokens, on_target=lambda s, i, logits, h: rows_seen.append(logits[-1]))
+    gaps = [float(np.diff(np.sort(r)[-2:])[0]) for r in rows_seen]
     rows, mal, mal_fp32 = [], {}, {}
     for k in range(1, max_draft + 1):
         spec, stats, _ = speculative_generate(backend, ids, new_tokens, k)

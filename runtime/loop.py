@@ -1,7 +1,8 @@
 """The greedy and speculative decoding loops, written once for every exported backend.
 
 A backend implements `StepBackend` (numpy in, numpy out, no torch):
-- `vocab_size` (optional): prompt ids outside it are refused before any call;
+- `eos_token_ids`, `max_draft` (drafts per round its caches allow), `vocab_size` (prompt ids
+  outside it are refused before any call);
 - `reset()`: empty caches;
 - `target(ids, start)`: run the target over `ids` at positions start..start+N-1, writing
   their K/V; returns logits [N, V] and final hidden states [N, H]. Calling it again at an
@@ -14,12 +15,13 @@ A backend implements `StepBackend` (numpy in, numpy out, no torch):
   speculative loop uses it instead of k `draft` calls (same tokens, fewer calls).
 
 Speculative round (greedy acceptance), with tok = the next token, not yet in the cache, at
-position pos, and h = the target's hidden state at pos - 1:
-1. draft: d_i = argmax(draft(d_{i-1}, s_{i-1}, pos)), d_0 = tok, s_0 = h, for i = 1..k
+position pos, and h = the target's hidden state at pos - 1 (after `_prefill`):
+1. `draft`: d_i = choose(draft(d_{i-1}, s_{i-1}, pos)), d_0 = tok, s_0 = h, for i = 1..k
    (or d_1..d_k = draft_tokens(tok, h, pos, k) in one call);
-2. verify: target([tok, d_1..d_k], pos) -> choices c_0..c_k (argmax at each position);
-3. accept: the longest prefix with d_i == c_{i-1}, a drafts, plus c_a from the target;
+2. `verify`: target([tok, d_1..d_k], pos) -> choices c_0..c_k at each position;
+3. `accept`: the longest prefix with d_i == c_{i-1}, a drafts, plus c_a from the target;
 4. next round: tok = c_a at pos + a + 1, h = hidden[a].
+Tokens are chosen in one place, `choose_tokens` (argmax: greedy).
 The output equals greedy decoding token for token; k shrinks near max_new_tokens as in
 transformers (at most max_new_tokens - generated - 1 drafts).
 """
@@ -37,12 +39,22 @@ from runtime.stats import GenerationStats
 
 class StepBackend(Protocol):
     name: str
+    eos_token_ids: tuple[int, ...]  # stops generation unless the caller passes its own
+    max_draft: int | None  # the export's ring size allows at most this many drafts per round
+    vocab_size: int | None  # prompt ids outside it are refused
 
     def reset(self) -> None: ...
 
     def target(self, ids: list[int], start: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    # optional: draft_tokens(token, state, position, k) -> list[int], one call per round
+
+
+# on_target(start, ids, logits, hidden): sees every target call (parity and quality reports
+# record logits through it instead of wrapping the backend)
+TargetObserver = Callable[[int, list[int], np.ndarray, np.ndarray], None]
 
 
 class StepTimer:
@@ -67,19 +79,10 @@ def _timed(timer, kind, fn, *args):
     return out
 
 
-def chained_drafts(backend, token: int, state, position: int, k: int, timer: StepTimer | None = None) -> list[int]:
-    """k greedy drafts from k single `draft` steps, all at `position` (what `draft_tokens`
-    computes in one call; backends fall back to this for exports without the drafting-round
-    graphs). timer: records each step as kind "draft"."""
-    drafts = []
-    for _ in range(k):
-        if timer is None:
-            logits, state = backend.draft(token, state, position)
-        else:
-            logits, state = _timed(timer, "draft", backend.draft, token, state, position)
-        token = int(np.argmax(logits))
-        drafts.append(token)
-    return drafts
+def choose_tokens(logits: np.ndarray) -> np.ndarray:
+    """The one place a token is chosen from logits ([..., V] -> [...]): greedy today;
+    sampling goes here (the speculative acceptance rule would change with it)."""
+    return np.argmax(logits, axis=-1)
 
 
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int | None) -> None:
@@ -93,6 +96,64 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int | None) -> None:
             raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
 
 
+def _check_draft_length(backend, draft_tokens: int) -> None:
+    if draft_tokens < 1:
+        raise ValueError("draft_tokens must be >= 1 for speculative decoding; use greedy_generate")
+    limit = getattr(backend, "max_draft", None)
+    if limit is not None and draft_tokens > limit:
+        raise ValueError(
+            f"draft_tokens {draft_tokens} exceeds the export's max_draft {limit} (its sliding caches hold "
+            f"window + {limit} + 1 slots, so longer rounds could evict entries still in the window); "
+            f"use at most {limit} drafts or re-export with --max-draft {draft_tokens}"
+        )
+
+
+def run_target(backend, ids: list[int], start: int, timer: StepTimer, kind: str, on_target=None):
+    """One target call (prefill chunk, decode step or verify pass) -> logits [N, V], hidden [N, H]."""
+    logits, hidden = _timed(timer, kind, backend.target, ids, start)
+    if on_target is not None:
+        on_target(start, ids, logits, hidden)
+    return logits, hidden
+
+
+def chained_drafts(backend, token: int, state, position: int, k: int, timer: StepTimer | None = None) -> list[int]:
+    """k drafts from k single `draft` steps, all at `position` (what `draft_tokens`
+    computes in one call; backends fall back to this for exports without the drafting-round
+    graphs). timer: records each step as kind "draft"."""
+    drafts = []
+    for _ in range(k):
+        if timer is None:
+            logits, state = backend.draft(token, state, position)
+        else:
+            logits, state = _timed(timer, "draft", backend.draft, token, state, position)
+        token = int(choose_tokens(logits))
+        drafts.append(token)
+    return drafts
+
+
+def draft(backend, token: int, state, position: int, k: int, timer: StepTimer) -> list[int]:
+    """The k drafts of a round: one `draft_tokens` call where the backend has it."""
+    round_drafter = getattr(backend, "draft_tokens", None)
+    if round_drafter is not None and k > 0:
+        return _timed(timer, f"draft_round{k}", round_drafter, token, state, position, k)
+    return chained_drafts(backend, token, state, position, k, timer)
+
+
+def verify(backend, token: int, drafts: list[int], position: int, timer: StepTimer, on_target=None):
+    """[token, d_1..d_k] at positions position..position+k -> the target's choices c_0..c_k
+    and its hidden states [k+1, H]."""
+    logits, hidden = run_target(backend, [token] + drafts, position, timer, f"verify{len(drafts) + 1}", on_target)
+    return choose_tokens(logits), hidden
+
+
+def accept(drafts: list[int], choices) -> int:
+    """Greedy acceptance: the longest prefix of drafts with d_i == c_{i-1}."""
+    a = 0
+    while a < len(drafts) and drafts[a] == int(choices[a]):
+        a += 1
+    return a
+
+
 def _emit(new, out, eos, max_new, on_token) -> bool:
     """Append new tokens, stopping at EOS or max_new; True when generation is over."""
     for t in new:
@@ -104,25 +165,30 @@ def _emit(new, out, eos, max_new, on_token) -> bool:
     return False
 
 
+def _prefill(backend, prompt_ids, timer, on_target):
+    check_prompt_ids(prompt_ids, getattr(backend, "vocab_size", None))
+    backend.reset()
+    return run_target(backend, list(prompt_ids), 0, timer, "prefill", on_target)
+
+
 def greedy_generate(
     backend: StepBackend,
     prompt_ids: list[int],
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
+    on_target: TargetObserver | None = None,
 ) -> tuple[list[int], GenerationStats, StepTimer]:
-    check_prompt_ids(prompt_ids, getattr(backend, "vocab_size", None))
     timer, stats, out = StepTimer(), GenerationStats(), []
     t0 = time.perf_counter()
-    backend.reset()
-    logits, _ = _timed(timer, "prefill", backend.target, list(prompt_ids), 0)
+    logits, _ = _prefill(backend, prompt_ids, timer, on_target)
     stats.target_passes += 1
-    tok, pos = int(np.argmax(logits[-1])), len(prompt_ids)
+    tok, pos = int(choose_tokens(logits[-1])), len(prompt_ids)
     done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
     while not done:
-        logits, _ = _timed(timer, "decode", backend.target, [tok], pos)  # logits: [1, V]
+        logits, _ = run_target(backend, [tok], pos, timer, "decode", on_target)  # logits: [1, V]
         stats.target_passes += 1
-        tok, pos = int(np.argmax(logits[-1])), pos + 1
+        tok, pos = int(choose_tokens(logits[-1])), pos + 1
         done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
     stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
     return out, stats, timer
@@ -136,39 +202,22 @@ def speculative_generate(
     eos_token_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
     on_round: Callable[[int, list[int], int], None] | None = None,
+    on_target: TargetObserver | None = None,
 ) -> tuple[list[int], GenerationStats, StepTimer]:
     """on_round(pos, drafts, accepted) observes each round (parity checks use it)."""
-    if draft_tokens < 1:
-        raise ValueError("draft_tokens must be >= 1 for speculative decoding; use greedy_generate")
-    limit = getattr(backend, "max_draft", None)
-    if limit is not None and draft_tokens > limit:
-        raise ValueError(
-            f"draft_tokens {draft_tokens} exceeds the export's max_draft {limit} (its sliding caches hold "
-            f"window + {limit} + 1 slots, so longer rounds could evict entries still in the window); "
-            f"use at most {limit} drafts or re-export with --max-draft {draft_tokens}"
-        )
-    check_prompt_ids(prompt_ids, getattr(backend, "vocab_size", None))
+    _check_draft_length(backend, draft_tokens)
     timer, stats, out = StepTimer(), GenerationStats(), []
-    round_drafter = getattr(backend, "draft_tokens", None)
     t0 = time.perf_counter()
-    backend.reset()
-    logits, hidden = _timed(timer, "prefill", backend.target, list(prompt_ids), 0)
+    logits, hidden = _prefill(backend, prompt_ids, timer, on_target)
     stats.target_passes += 1
-    tok, h, pos = int(np.argmax(logits[-1])), hidden[-1], len(prompt_ids)
+    tok, h, pos = int(choose_tokens(logits[-1])), hidden[-1], len(prompt_ids)
     done = _emit([tok], out, eos_token_ids, max_new_tokens, on_token)
     while not done:
         k = min(draft_tokens, max_new_tokens - len(out) - 1)
-        if round_drafter is not None and k > 0:
-            drafts = _timed(timer, f"draft_round{k}", round_drafter, tok, h, pos, k)
-        else:
-            drafts = chained_drafts(backend, tok, h, pos, k, timer)
-        # verify: [tok, d_1..d_k] at positions pos..pos+k -> logits [k+1, V]
-        logits, hidden = _timed(timer, f"verify{k + 1}", backend.target, [tok] + drafts, pos)
+        drafts = draft(backend, tok, h, pos, k, timer)
+        choices, hidden = verify(backend, tok, drafts, pos, timer, on_target)  # choices: [k+1]
         stats.target_passes += 1
-        choices = np.argmax(logits, axis=-1)
-        a = 0
-        while a < k and drafts[a] == int(choices[a]):
-            a += 1
+        a = accept(drafts, choices)
         stats.drafted += k
         stats.accepted += a
         if on_round:
