@@ -27,7 +27,7 @@ help:
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
 	@echo "make generate [BACKEND=torch|onnx|executorch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
-	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all]"
+	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all] [DRAFT_TIE=2e-2 for random pairs]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
 	@echo "make random-pair SHAPE=e4b|e2b|e4b-multimodal OUT=dir   a random-weight pair of the real proportions"
@@ -54,7 +54,7 @@ export: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) -m runtime.parity --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) \
-		$(if $(PARITY_BACKEND),--backend $(PARITY_BACKEND))
+		$(if $(PARITY_BACKEND),--backend $(PARITY_BACKEND)) $(if $(DRAFT_TIE),--draft-tie $(DRAFT_TIE))
 
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \

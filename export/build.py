@@ -1,22 +1,22 @@
 """`make export TARGET=<t>`: the app-ready artifacts of one deployment target.
 
-Steps (progress printed as [i/n]):
-1. read and check the pair (strict safetensors mapping, pair compatibility) and the target
-   file (targets/<t>.toml);
-2. reference check: transformers' speculative output equals its greedy output on a
+Steps, one function each (`build_target` runs them; progress printed as [i/n]):
+1. `plan`: the target file (targets/<t>.toml), the pair (strict safetensors mapping, pair
+   check; loaded once for the whole export) and the prompts -> `Plan`;
+2. `reference_check`: transformers' speculative output equals its greedy output on a
    held-out prompt past two sliding windows;
-3. ExecuTorch (if the target has [executorch]): the pair program `executorch/pair.pte`
-   (target and drafter methods sharing caches and the embedding table, runner metadata),
-   quantized per the target; its fp32 twin (cached) gives the size reduction;
-4. ONNX (if [onnx]): `onnx/{embed,target,drafter,drafter_k*}.onnx` + external data, 4-bit MatMulNBits
-   per the target;
-5. draft-length calibration: acceptance per draft position and step costs, the predicted
-   best draft length (or the target's fixed one);
-6. quality report per format against the fp32 reference (calibration/quality.py) and the
-   target's gates (accepted length at the deployed draft length): a miss fails the export,
-   naming the gate and the margin;
-7. `manifest.json` (files with sha256 and size, model and drafter summary, methods and I/O,
-   cache layout, draft length, EOS ids, quality, calibration, toolchain versions).
+3. `build_executorch` (if the target has [executorch]): `executorch/pair.pte` (target and
+   drafter methods sharing caches and the embedding table, runner metadata), quantized per
+   the target; its fp32 twin (cached) gives the size reduction -> `FormatBuild`;
+4. `build_onnx` (if [onnx]): `onnx/{embed,target,drafter,drafter_k*}.onnx` + external data,
+   4-bit MatMulNBits per the target -> `FormatBuild`;
+5. `calibrate`: acceptance per draft position and step costs, the predicted best draft
+   length (or the target's fixed one);
+6. `assess`: quality report per format against the fp32 reference (calibration/quality.py)
+   and the target's gates (accepted length at the deployed draft length): a miss fails the
+   export, naming the gate and the margin;
+7. `write_manifest`: files with sha256 and size, model and drafter summary, methods and
+   I/O, cache layout, the gates, draft length, EOS ids, quality, calibration, toolchain.
 
 Everything is written into a temporary sibling folder and renamed to `<OUT>/<t>` only when
 complete, so a failed or killed export leaves no `<OUT>/<t>` (and an earlier complete
@@ -27,12 +27,14 @@ verify2_ms.., draft_ms, e.g. the `draft_calibration.step_costs_ms` of an earlier
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -122,6 +124,42 @@ def _summary(target, drafter) -> dict:
     }
 
 
+@dataclass
+class Plan:
+    """Step 1: what an export works from (one loaded pair, used by every step)."""
+
+    name: str
+    cfg: object  # export.targets.DeploymentTarget
+    checkpoint: Path
+    assistant: Path
+    target: object
+    drafter: object
+    heldout: list  # token ids of the held-out prompts (quality, reference check)
+    calib: list  # token ids of the calibration prompts (draft length)
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def stage(self, i: int, text: str) -> None:
+        print(f"[{i}/{STEPS}] {text} [{time.time() - self.started:.0f}s]", flush=True)
+
+    @property
+    def reference(self):
+        from runtime.reference import ReferencePair
+
+        return ReferencePair(self.target, self.drafter)
+
+
+@dataclass
+class FormatBuild:
+    """Steps 3-4: one format's artifacts."""
+
+    directory: Path
+    methods: dict  # method or graph -> input/output names, dtypes, shapes
+    quantization: dict  # manifest `quantization` entries of this format
+
+
+STEPS = 7
+
+
 def build_target(
     name: str,
     checkpoint: Path,
@@ -131,174 +169,230 @@ def build_target(
     check_tokens: int = 64,
     targets_dir: Path | None = None,
 ) -> Path:
-    from calibration.quality import (
-        HELDOUT,
-        GateError,
-        calibrate_draft_length,
-        calibration_prompts,
-        check_gates,
-        quality_report,
-    )
+    p = plan(name, checkpoint, assistant, targets_dir)
+    reference_check(p, check_tokens)
+    with _staging(Path(out_root), name) as tmp:
+        formats = {}
+        if p.cfg.executorch is not None:
+            formats["executorch"] = build_executorch(p, tmp / "executorch")
+        else:
+            p.stage(3, "ExecuTorch: not part of this target")
+        if p.cfg.onnx is not None:
+            formats["onnx"] = build_onnx(p, tmp / "onnx")
+        else:
+            p.stage(4, "ONNX: not part of this target")
+        calibration = calibrate(p, formats, step_costs)
+        quality = assess(p, formats, calibration["draft_tokens"], tmp)
+        p.stage(7, f"manifest and atomic rename to {Path(out_root) / name}")
+        write_manifest(p, formats, calibration, quality, tmp)
+    print(f"wrote {Path(out_root) / name} [{time.time() - p.started:.0f}s]", flush=True)
+    return Path(out_root) / name
+
+
+def plan(name: str, checkpoint: Path, assistant: Path, targets_dir: Path | None) -> Plan:
+    """Step 1: the target file, the pair (strict loading, pair check) and the prompts."""
+    from calibration.quality import HELDOUT, calibration_prompts
     from export.checkpoint import load_pair
-    from export.onnx_export import copy_tokenizer, export_onnx, graph_order, share_weights
     from export.targets import load_target
-    from runtime.eager_backend import EagerBackend
     from runtime.generate import load_tokenizer
-    from runtime.reference import ReferencePair
 
-    t0 = time.time()
-    steps = 7
-
-    def stage(i, text):
-        print(f"[{i}/{steps}] {text} [{time.time() - t0:.0f}s]", flush=True)
-
-    target_cfg = load_target(name) if targets_dir is None else load_target(name, targets_dir)
-    stage(1, f"target {name!r}: {target_cfg.description}; reading {checkpoint} and {assistant}")
+    cfg = load_target(name) if targets_dir is None else load_target(name, targets_dir)
+    print(f"[1/{STEPS}] target {name!r}: {cfg.description}; reading {checkpoint} and {assistant}", flush=True)
     target, drafter = load_pair(checkpoint, assistant)
     if drafter is None:
         raise ExportError("a deployment export needs the drafter: pass ASSISTANT=<dir>")
     tok = load_tokenizer(checkpoint)
-    heldout = [tok.encode(p.read_text()).ids for p in HELDOUT]
+    heldout = [tok.encode(path.read_text()).ids for path in HELDOUT]
     calib = calibration_prompts(tok) or heldout
-    longest = max(len(p) for p in heldout + calib) + max(QUALITY_NEW_TOKENS, CALIBRATION_NEW_TOKENS) + 1
-    if longest > target_cfg.max_context:
-        raise ExportError(f"max_context {target_cfg.max_context} of {name!r} is below the check prompts ({longest})")
-    reference = ReferencePair(target, drafter)
+    longest = max(len(ids) for ids in heldout + calib) + max(QUALITY_NEW_TOKENS, CALIBRATION_NEW_TOKENS) + 1
+    if longest > cfg.max_context:
+        raise ExportError(f"max_context {cfg.max_context} of {name!r} is below the check prompts ({longest})")
+    return Plan(name, cfg, Path(checkpoint), Path(assistant), target, drafter, heldout, calib)
 
-    stage(2, f"reference check: {len(heldout[0])}-token held-out prompt, {check_tokens} new tokens")
-    greedy, _ = reference.generate(heldout[0], check_tokens, 0, stop_at_eos=False)
-    spec, stats = reference.generate(heldout[0], check_tokens, target_cfg.max_draft, stop_at_eos=False)
+
+def reference_check(p: Plan, check_tokens: int) -> None:
+    """Step 2: transformers' speculative output equals its greedy output (a broken pair
+    fails here, before minutes of lowering)."""
+    ids = p.heldout[0]
+    p.stage(2, f"reference check: {len(ids)}-token held-out prompt, {check_tokens} new tokens")
+    greedy, _ = p.reference.generate(ids, check_tokens, 0, stop_at_eos=False)
+    spec, stats = p.reference.generate(ids, check_tokens, p.cfg.max_draft, stop_at_eos=False)
     if spec != greedy:
         raise ExportError("transformers' speculative output differs from its greedy output: the pair is broken")
     print(f"      speculative == greedy; mean accepted length {stats.mean_accepted_length:.2f}", flush=True)
 
-    out_root = Path(out_root)
+
+@contextlib.contextmanager
+def _staging(out_root: Path, name: str):
+    """A temporary sibling folder, renamed to out_root/name only when the body completes;
+    removed on any failure (and, when killed outright, by the next export of the target)."""
     out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / name
     for stale in out_root.glob(f".{name}.partial-*"):  # left by an export killed outright (SIGKILL)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out_root / f".{name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        formats, quality, quant, methods = {}, {}, {}, {}
-        fp32 = EagerBackend(target, drafter, target_cfg.max_context, target_cfg.max_draft)
-        if target_cfg.executorch is not None:
-            et = target_cfg.executorch
-            stage(3, f"ExecuTorch: XNNPACK program, linear {et.linear}, embeddings {et.embedding}")
-            formats["executorch"] = _build_executorch(tmp / "executorch", checkpoint, assistant, target_cfg, methods, quant)
-        else:
-            stage(3, "ExecuTorch: not part of this target")
-        if target_cfg.onnx is not None:
-            ox = target_cfg.onnx
-            stage(4, f"ONNX: graphs, linear {ox.linear}")
-            d = tmp / "onnx"
-            t_fresh, d_fresh = load_pair(checkpoint, assistant)
-            export_onnx(t_fresh, d_fresh, d, target_cfg.max_context, target_cfg.max_draft)
-            copy_tokenizer(checkpoint, d)
-            if ox.linear == "int4":
-                from export.quantize import check_keep_8bit
-                from export.quantize_onnx import quantize_onnx_graph
-
-                # last graph first: a graph's shared tensors live in files of graphs before it,
-                # so each one is read before its file is rewritten; then shared again
-                graphs = [g for g in graph_order(d) if g != "embed.onnx"]
-                counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in reversed(graphs)}
-                counts = {g: counts[g] for g in graphs}
-                check_keep_8bit(ox.keep_8bit, {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
-                share_weights(d)
-                quant["onnx"] = {
-                    "linear": "int4 MatMulNBits",
-                    "block_size": ox.block_size,
-                    "keep_8bit": list(ox.keep_8bit),
-                    "matmuls": counts,
-                }
-                print(f"      MatMulNBits: {counts}", flush=True)
-            methods["onnx"] = {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}
-            formats["onnx"] = d
-        else:
-            stage(4, "ONNX: not part of this target")
-
-        stage(5, f"draft-length calibration ({len(calib)} prompts)")
-        primary = "executorch" if "executorch" in formats else "onnx"
-        calibration = calibrate_draft_length(
-            _open(primary, formats[primary], target_cfg.prefill_chunk), calib, CALIBRATION_NEW_TOKENS, target_cfg.max_draft, step_costs
-        )
-        calibration["format"] = primary
-        if target_cfg.draft_tokens != "auto":
-            calibration["draft_tokens"] = target_cfg.draft_tokens
-            calibration["choice"] = "fixed by the target file"
-        else:
-            calibration["choice"] = "argmax of predicted tokens/s"
-        draft_tokens = calibration["draft_tokens"]
-        print(
-            f"      P(>= i accepted) {calibration['p_at_least_i_accepted']}; step costs {calibration['step_costs_ms']} "
-            f"({calibration['step_costs_source']}); draft length {draft_tokens} "
-            f"(predicted {calibration['predicted_speedup']}x over greedy)",
-            flush=True,
-        )
-
-        stage(6, f"quality vs fp32 on {len(heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
-        misses = []
-        for fmt, directory in formats.items():
-            backend = _open(fmt, directory, target_cfg.prefill_chunk)
-            report = quality_report(
-                backend, fp32, reference, heldout, QUALITY_NEW_TOKENS, target_cfg.max_draft, extra_prompts=calib
-            )
-            quality[fmt] = report
-            drop = report["accepted_length_by_draft_tokens"][draft_tokens]["relative_drop"]
-            print(
-                f"      {fmt}: top-1 {report['top1_agreement']:.4f}, KL {report['mean_kl']:.5f}, "
-                f"accepted-length drop at {draft_tokens} drafts {100 * drop:.1f}%, "
-                f"speculative == own greedy: {report['speculative_equals_own_greedy']}",
-                flush=True,
-            )
-            misses += check_gates(report, target_cfg.gates, fmt, draft_tokens)
-        if "executorch" in formats and target_cfg.gates.min_pte_size_reduction:
-            ratio = quant["executorch_size_reduction"]
-            if ratio < target_cfg.gates.min_pte_size_reduction:
-                misses.append(
-                    f"executorch: .pte is {ratio:.2f}x smaller than fp32, gate {target_cfg.gates.min_pte_size_reduction}x"
-                )
-        (tmp / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
-        if misses:
-            raise GateError("quality gates of target %r missed:\n  %s" % (name, "\n  ".join(misses)))
-
-        stage(7, f"manifest and atomic rename to {final}")
-        layout = json.loads((formats[primary] / "layout.json").read_text())
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "target": name,
-            "description": target_cfg.description,
-            "inputs": {"checkpoint": _checkpoint_digest(checkpoint), "assistant": _checkpoint_digest(assistant)},
-            "model": _summary(target, drafter),
-            "formats": {
-                fmt: {"directory": d.name, "entry": "pair.pte" if fmt == "executorch" else "target.onnx"}
-                for fmt, d in formats.items()
-            },
-            "methods": methods,
-            "cache_layout": {
-                k: layout[k]
-                for k in ("max_context", "max_draft", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
-            },
-            "prefill_chunk": target_cfg.prefill_chunk,
-            # the gates this export was judged by: `make parity ARTIFACTS=` reads them from here
-            "gates": dataclasses.asdict(target_cfg.gates),
-            "draft_tokens": calibration["draft_tokens"],
-            "eos_token_ids": layout["eos_token_ids"],
-            "bos_token_id": layout["bos_token_id"],
-            "quantization": quant,
-            "quality": {fmt: {k: v for k, v in r.items() if k != "prompts"} for fmt, r in quality.items()},
-            "draft_calibration": calibration,
-            "toolchain": _versions(),
-            "files": _files(tmp),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, final)
+        yield tmp
+        _replace_dir(tmp, out_root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {final} [{time.time() - t0:.0f}s]", flush=True)
-    return final
+
+
+def build_executorch(p: Plan, d: Path) -> FormatBuild:
+    """Step 3: the target's program, through the export cache (programs of the same inputs
+    and settings are lowered once: lowering takes minutes)."""
+    from export.cache import cached_executorch_export
+
+    cfg, et = p.cfg, p.cfg.executorch
+    p.stage(3, f"ExecuTorch: XNNPACK program, linear {et.linear}, embeddings {et.embedding}")
+    q = (
+        {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding, "keep_8bit": list(et.keep_8bit)}
+        if et.quantized
+        else None
+    )
+    src = cached_executorch_export(p.checkpoint, p.assistant, cfg.max_context, cfg.max_draft, q)
+    shutil.copytree(src, d)
+    info = json.loads((d / "executorch_report.json").read_text())
+    quant = {
+        "executorch": info["quantization"] or {"linear": "fp32", "embedding": "fp32"},
+        "executorch_delegation": info["delegation"],
+    }
+    if et.quantized:
+        fp32 = cached_executorch_export(p.checkpoint, p.assistant, cfg.max_context, cfg.max_draft) / "pair.pte"
+        size, fp32_size = (d / "pair.pte").stat().st_size, fp32.stat().st_size
+        quant["executorch_size_reduction"] = round(fp32_size / size, 3)
+        print(f"      pair.pte {size / 1e6:.2f} MB vs fp32 {fp32_size / 1e6:.2f} MB ({fp32_size / size:.2f}x smaller)")
+    if et.coreml:
+        quant["coreml"] = _try_coreml(d, p.checkpoint, p.assistant, cfg)
+    return FormatBuild(d, info["io"], quant)
+
+
+def build_onnx(p: Plan, d: Path) -> FormatBuild:
+    """Step 4: the ONNX graphs of the plan's pair, 4-bit MatMulNBits per the target."""
+    from export.onnx_export import copy_tokenizer, export_onnx, graph_order, share_weights
+
+    ox = p.cfg.onnx
+    p.stage(4, f"ONNX: graphs, linear {ox.linear}")
+    export_onnx(p.target, p.drafter, d, p.cfg.max_context, p.cfg.max_draft)
+    copy_tokenizer(p.checkpoint, d)
+    quant = {}
+    if ox.linear == "int4":
+        from export.quantize import check_keep_8bit
+        from export.quantize_onnx import quantize_onnx_graph
+
+        # last graph first: a graph's shared tensors live in files of graphs before it,
+        # so each one is read before its file is rewritten; then shared again
+        graphs = [g for g in graph_order(d) if g != "embed.onnx"]
+        counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in reversed(graphs)}
+        counts = {g: counts[g] for g in graphs}
+        check_keep_8bit(ox.keep_8bit, {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
+        share_weights(d)
+        quant["onnx"] = {
+            "linear": "int4 MatMulNBits",
+            "block_size": ox.block_size,
+            "keep_8bit": list(ox.keep_8bit),
+            "matmuls": counts,
+        }
+        print(f"      MatMulNBits: {counts}", flush=True)
+    return FormatBuild(d, {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}, quant)
+
+
+def _primary(formats: dict) -> str:
+    return "executorch" if "executorch" in formats else "onnx"
+
+
+def calibrate(p: Plan, formats: dict, step_costs: dict | None) -> dict:
+    """Step 5: acceptance per draft position and step costs on the primary format, the
+    predicted best draft length (or the target file's fixed one)."""
+    from calibration.quality import calibrate_draft_length
+
+    p.stage(5, f"draft-length calibration ({len(p.calib)} prompts)")
+    primary = _primary(formats)
+    backend = _open(primary, formats[primary].directory, p.cfg.prefill_chunk)
+    calibration = calibrate_draft_length(backend, p.calib, CALIBRATION_NEW_TOKENS, p.cfg.max_draft, step_costs)
+    calibration["format"] = primary
+    if p.cfg.draft_tokens != "auto":
+        calibration["draft_tokens"] = p.cfg.draft_tokens
+        calibration["choice"] = "fixed by the target file"
+    else:
+        calibration["choice"] = "argmax of predicted tokens/s"
+    print(
+        f"      P(>= i accepted) {calibration['p_at_least_i_accepted']}; step costs {calibration['step_costs_ms']} "
+        f"({calibration['step_costs_source']}); draft length {calibration['draft_tokens']} "
+        f"(predicted {calibration['predicted_speedup']}x over greedy)",
+        flush=True,
+    )
+    return calibration
+
+
+def assess(p: Plan, formats: dict, draft_tokens: int, out: Path) -> dict:
+    """Step 6: each format's quality report against the fp32 reference, written to
+    quality.json; a missed gate raises GateError naming every miss."""
+    from calibration.quality import GateError, check_gates, quality_report
+    from runtime.eager_backend import EagerBackend
+
+    p.stage(6, f"quality vs fp32 on {len(p.heldout)} held-out prompts ({QUALITY_NEW_TOKENS} new tokens each)")
+    cfg = p.cfg
+    fp32 = EagerBackend(p.target, p.drafter, cfg.max_context, cfg.max_draft)
+    quality, misses = {}, []
+    for fmt, build in formats.items():
+        backend = _open(fmt, build.directory, cfg.prefill_chunk)
+        report = quality_report(
+            backend, fp32, p.reference, p.heldout, QUALITY_NEW_TOKENS, cfg.max_draft, extra_prompts=p.calib
+        )
+        quality[fmt] = report
+        drop = report["accepted_length_by_draft_tokens"][draft_tokens]["relative_drop"]
+        print(
+            f"      {fmt}: top-1 {report['top1_agreement']:.4f}, KL {report['mean_kl']:.5f}, "
+            f"accepted-length drop at {draft_tokens} drafts {100 * drop:.1f}%, "
+            f"speculative == own greedy: {report['speculative_equals_own_greedy']}",
+            flush=True,
+        )
+        misses += check_gates(report, cfg.gates, fmt, draft_tokens)
+    if "executorch" in formats and cfg.gates.min_pte_size_reduction:
+        ratio = formats["executorch"].quantization["executorch_size_reduction"]
+        if ratio < cfg.gates.min_pte_size_reduction:
+            misses.append(f"executorch: .pte is {ratio:.2f}x smaller than fp32, gate {cfg.gates.min_pte_size_reduction}x")
+    (out / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
+    if misses:
+        raise GateError("quality gates of target %r missed:\n  %s" % (p.name, "\n  ".join(misses)))
+    return quality
+
+
+def write_manifest(p: Plan, formats: dict, calibration: dict, quality: dict, out: Path) -> None:
+    """Step 7: manifest.json (files with sha256 and size, model and drafter summary, methods
+    and I/O, cache layout, gates, draft length, ids, quality, calibration, toolchain)."""
+    from runtime.artifacts import LAYOUT_FILE
+
+    layout = json.loads((formats[_primary(formats)].directory / LAYOUT_FILE).read_text())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "target": p.name,
+        "description": p.cfg.description,
+        "inputs": {"checkpoint": _checkpoint_digest(p.checkpoint), "assistant": _checkpoint_digest(p.assistant)},
+        "model": _summary(p.target, p.drafter),
+        "formats": {
+            fmt: {"directory": b.directory.name, "entry": "pair.pte" if fmt == "executorch" else "target.onnx"}
+            for fmt, b in formats.items()
+        },
+        "methods": {fmt: b.methods for fmt, b in formats.items()},
+        "cache_layout": {
+            k: layout[k] for k in ("max_context", "max_draft", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
+        },
+        "prefill_chunk": p.cfg.prefill_chunk,
+        # the gates this export was judged by: `make parity ARTIFACTS=` reads them from here
+        "gates": dataclasses.asdict(p.cfg.gates),
+        "draft_tokens": calibration["draft_tokens"],
+        "eos_token_ids": layout["eos_token_ids"],
+        "bos_token_id": layout["bos_token_id"],
+        "quantization": {k: v for b in formats.values() for k, v in b.quantization.items()},
+        "quality": {fmt: {k: v for k, v in r.items() if k != "prompts"} for fmt, r in quality.items()},
+        "draft_calibration": calibration,
+        "toolchain": _versions(),
+        "files": _files(out),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _open(fmt: str, directory: Path, prefill_chunk: int):
@@ -310,33 +404,6 @@ def _open(fmt: str, directory: Path, prefill_chunk: int):
     from runtime.onnx_backend import OnnxBackend
 
     return OnnxBackend(directory, prefill_chunk=prefill_chunk)
-
-
-def _build_executorch(d: Path, checkpoint, assistant, cfg, methods: dict, quant: dict) -> Path:
-    """The target's program, through the export cache (programs of the same inputs and
-    settings are lowered once: lowering takes minutes)."""
-    from export.cache import cached_executorch_export
-
-    et = cfg.executorch
-    q = (
-        {"linear": et.linear, "group_size": et.group_size, "embedding": et.embedding, "keep_8bit": list(et.keep_8bit)}
-        if et.quantized
-        else None
-    )
-    src = cached_executorch_export(checkpoint, assistant, cfg.max_context, cfg.max_draft, q)
-    shutil.copytree(src, d)
-    info = json.loads((d / "executorch_report.json").read_text())
-    methods["executorch"] = info["io"]
-    quant["executorch"] = info["quantization"] or {"linear": "fp32", "embedding": "fp32"}
-    quant["executorch_delegation"] = info["delegation"]
-    if et.quantized:
-        fp32 = cached_executorch_export(checkpoint, assistant, cfg.max_context, cfg.max_draft) / "pair.pte"
-        size, fp32_size = (d / "pair.pte").stat().st_size, fp32.stat().st_size
-        quant["executorch_size_reduction"] = round(fp32_size / size, 3)
-        print(f"      pair.pte {size / 1e6:.2f} MB vs fp32 {fp32_size / 1e6:.2f} MB ({fp32_size / size:.2f}x smaller)")
-    if et.coreml:
-        quant["coreml"] = _try_coreml(d, checkpoint, assistant, cfg)
-    return d
 
 
 def _try_coreml(d: Path, checkpoint, assistant, cfg) -> dict:

@@ -9,10 +9,11 @@ Steps of `write_pair(shape, out)`:
 1. `SHAPES[shape]` gives the target and drafter specs (export/config.py) and how the target
    is saved (`Gemma4ForCausalLM`, or `Gemma4ForConditionalGeneration` with small vision and
    audio towers present);
-2. the modules are built with a fixed seed; the token embedding table is drawn with a larger
-   spread than transformers' init (`embed_std`), so the tied LM head gives logits with
-   clear top-2 margins (fp32 kernels differ by ~1e-6 relative; random init at std 0.02
-   gives near-ties that flip argmaxes between correct implementations);
+2. the modules are built with a fixed seed; the target's token table (`embed_std`) and the
+   drafter's output table and centroids (`drafter_head_std`) are drawn with a larger spread
+   than transformers' init, so the tied LM heads give logits with clear top-2 margins (fp32
+   kernels differ by ~1e-6 relative; random init at std 0.02 gives near-ties that flip
+   argmaxes, and centroid choices, between correct implementations);
 3. target/ and assistant/ are saved with safetensors, with the demo pair's tokenizer.json
    (vocabulary 2048, the size of every shape here) so text prompts work.
 
@@ -45,6 +46,7 @@ class RandomShape:
     drafter: DrafterSpec
     multimodal: bool = False  # save the target as Gemma4ForConditionalGeneration with vision + audio
     embed_std: float = 0.05  # spread of the token table (see module docstring)
+    drafter_head_std: float = 0.3  # spread of the drafter's output table and centroids, likewise
     description: str = ""
 
 
@@ -145,8 +147,12 @@ def write_pair(name: str, out: str | Path, seed: int = 0) -> tuple[Path, Path]:
         table.weight.normal_(0.0, s.embed_std)
     target.save_pretrained(out / "target")
     drafter = Gemma4AssistantForCausalLM(s.drafter.to_hf(s.target))
+    with torch.no_grad():
+        drafter.model.embed_tokens.weight.normal_(0.0, s.drafter_head_std)  # tied to its LM head
     if drafter.masked_embedding is not None:
         drafter.masked_embedding.token_ordering.copy_(torch.randperm(s.drafter.vocab_size))
+        with torch.no_grad():
+            drafter.masked_embedding.centroids.weight.normal_(0.0, s.drafter_head_std)
     drafter.save_pretrained(out / "assistant")
     for d in ("target", "assistant"):
         shutil.copyfile(DEMO_TOKENIZER, out / d / "tokenizer.json")

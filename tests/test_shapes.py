@@ -30,6 +30,15 @@ PROMPT_LEN = 100  # window 32: past three windows
 # measured on these pairs (logits ~2.5 in magnitude, relative error ~1e-6), so an argmax
 # can only differ if an implementation is wrong.
 MIN_GAP = 1e-3
+# Drafts: a random-weight drafter amplifies the target's fp32 difference (hidden states
+# 1.4e-5 apart gave centroid scores 2.3e-4 apart at the first drafter step and 8.8e-3 at
+# the fourth, measured on the e4b pair; a trained drafter stays near 1e-5), so a different
+# draft counts as a near-tie when the reference's own choice (top-2 logits, or the last
+# kept vs first left-out centroid) is within 2e-2 relative, about twice that measured
+# spread. Near-ties are capped per draft length below: a wrong mask or cache would change
+# most drafts, not a few.
+RANDOM_DRAFT_TIE = 2e-2
+MAX_DRAFT_TIES = 3
 ET_METHODS = ("target_step", "draft_step", f"draft_k{MAX_DRAFT}")
 
 
@@ -65,9 +74,10 @@ def _parity(backend, target, drafter, prompt, label):
     from runtime.parity import Reference, Report, check_prompt
 
     report = Report()
-    check_prompt(report, Reference(target, drafter), backend, backend.layout, prompt, NEW_TOKENS, label)
+    check_prompt(report, Reference(target, drafter), backend, backend.layout, prompt, NEW_TOKENS, label, RANDOM_DRAFT_TIE)
     assert len(report.checks) >= 16  # 7 tensors and greedy, k = 1..4 tokens and drafts, rollback
-    return [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
+    ties = [c for c in report.checks if "transformers drafter" in c.name and c.value > MAX_DRAFT_TIES]
+    return [f"{c.name}: {c.detail}" for c in report.checks if not c.ok] + [f"{c.name}: too many near-ties" for c in ties]
 
 
 def test_onnx_matches_transformers(shape_pair):
