@@ -110,7 +110,8 @@ def shape(name: str) -> RandomShape:
         raise KeyError(f"unknown shape {name!r}; known: {', '.join(sorted(SHAPES))}") from None
 
 
-def _multimodal_config(text_config):
+def multimodal_config(text_config):
+    """A `Gemma4Config` around `text_config` with one-layer vision and audio towers."""
     from transformers import Gemma4Config
 
     return Gemma4Config(
@@ -138,7 +139,7 @@ def write_pair(name: str, out: str | Path, seed: int = 0) -> tuple[Path, Path]:
     torch.manual_seed(seed)
     text = s.target.to_hf()
     if s.multimodal:
-        target = Gemma4ForConditionalGeneration(_multimodal_config(text))
+        target = Gemma4ForConditionalGeneration(multimodal_config(text))
         table = target.model.language_model.embed_tokens
     else:
         target = Gemma4ForCausalLM(text)

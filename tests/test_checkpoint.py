@@ -46,20 +46,11 @@ def test_target_and_drafter_load_exactly_like_transformers(random_pair_dir):
 
 
 def test_multimodal_checkpoint_yields_its_text_decoder(random_pair_dir, tmp_path):
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers import Gemma4ForConditionalGeneration
 
-    text = read_config(random_pair_dir / "target").hf_config
-    cfg = Gemma4Config(
-        text_config=text.to_dict(),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-            head_dim=16,
-        ),
-        audio_config=dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=32,
-            subsampling_conv_channels=[8, 4],
-        ),
-    )
+    from export.random_pair import multimodal_config
+
+    cfg = multimodal_config(read_config(random_pair_dir / "target").hf_config)
     torch.manual_seed(1)
     Gemma4ForConditionalGeneration(cfg).save_pretrained(tmp_path / "mm")
     ref = Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "mm").eval()

@@ -145,3 +145,12 @@ def test_random_pair_cli_refuses_an_unknown_shape(tmp_path):
     )
     assert proc.returncode == 2 and "unknown shape 'e9b'; known: e2b, e4b, e4b-multimodal" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_multimodal_target_holds_vision_and_audio_tensors(tmp_path):
+    from export.checkpoint import SafetensorsCheckpoint, read_config
+
+    t_dir, _ = write_pair("e4b-multimodal", tmp_path)
+    keys = SafetensorsCheckpoint(t_dir).keys()
+    assert read_config(t_dir).model_type == "gemma4"
+    assert any(k.startswith("model.vision_tower.") for k in keys) and any(k.startswith("model.audio_tower.") for k in keys)
