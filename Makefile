@@ -43,7 +43,7 @@ venv: $(STAMP)
 # two workers (one per core): each test module, and each shape of tests/test_shapes.py, is one
 # xdist group, so every export a module builds is built once (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=12
 
 generate: $(STAMP)
 	@$(PY) -m runtime.generate $(GEN_ARGS)

@@ -97,10 +97,12 @@ class ExecuTorchBackend:
         """k greedy drafts in one call: equal to k `draft` steps with an argmax after each."""
         method = self.round_methods.get(k)
         if method is None:
-            name = f"draft_k{k}"
-            if name not in self.method_names:  # a program from before the round methods
+            # the round method of this length, else the shortest longer one (its first k
+            # drafts are the k-round's), else k single steps (a program without round methods)
+            rounds = [n for n in range(k, self.max_draft + 1) if f"draft_k{n}" in self.method_names]
+            if not rounds:
                 return chained_drafts(self, token, state, position, k)
-            method = self.round_methods[k] = self.program.load_method(name)
+            method = self.round_methods[k] = self.program.load_method(f"draft_k{rounds[0]}")
         out = method.execute(
             [
                 torch.tensor([[token]], dtype=torch.long),
@@ -108,7 +110,7 @@ class ExecuTorchBackend:
                 torch.tensor([position], dtype=torch.long),
             ]
         )
-        return out[0][0].tolist()
+        return out[0][0, :k].tolist()
 
     def shared_kv(self) -> dict[str, np.ndarray]:
         """The producer caches (last full and last sliding owner), read through the program's
