@@ -15,9 +15,11 @@ PROMPTS = REPO / "calibration" / "prompts"
 
 
 def pytest_collection_modifyitems(items):
-    """`make test` runs on two xdist workers (--dist loadgroup): every test module is one
-    group, so its module-scoped exports are built once, on one worker; a test that names its
-    own group (tests/test_shapes.py: one per shape) keeps it."""
+    """`make test` runs on two xdist workers (--dist loadgroup): every test module is meant
+    to be one group, so that its module-scoped exports are built once, on one worker. Known
+    gap: with pytest 9.2 xdist 3.8's group suffix is ignored (it sets `item._nodeid`, pytest 9
+    reads `_id`), so tests are spread singly and a module's exports may be built on both
+    workers (make test's durations show test_executorch's setup twice)."""
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
