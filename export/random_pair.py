@@ -30,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-from export.config import FULL, SLIDING, AttentionLayout, DrafterSpec, TargetSpec
+from export.config import FULL, SLIDING, AttentionLayout, DrafterSpec, TargetSpec, _pattern
 
 DEMO_TOKENIZER = Path(__file__).resolve().parent / "demo" / "weights" / "target" / "tokenizer.json"
 VOCAB = 2048  # the demo tokenizer's vocabulary
-
-
-def _pattern(sliding_per_full: int, repeats: int) -> tuple[str, ...]:
-    return ((SLIDING,) * sliding_per_full + (FULL,)) * repeats
 
 
 @dataclass(frozen=True)
