@@ -20,7 +20,7 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test generate export parity bench demo-model random-pair clean
+.PHONY: help venv test generate export parity bench results demo-model random-pair clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
@@ -29,6 +29,7 @@ help:
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
 	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all] [DRAFT_TIE=2e-2 for random pairs]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
+	@echo "make results [ADD=artifacts/parity/parity.json NAME=parity-demo]   keep a measurement, re-render README's table"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
 	@echo "make random-pair SHAPE=e4b|e2b|e4b-multimodal OUT=dir   a random-weight pair of the real proportions"
 
@@ -59,6 +60,9 @@ parity: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+results: $(STAMP)
+	$(PY) -m runtime.results $(if $(ADD),--add $(ADD) --name $(NAME))
 
 random-pair: $(STAMP)
 	$(PY) -m export.random_pair --shape $(SHAPE) --out $(OUT)

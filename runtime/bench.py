@@ -190,7 +190,15 @@ def main(argv=None) -> int:
 
     _print_table(costs, results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"step_costs_ms": costs, **results}, indent=1) + "\n")
+    from runtime.results import command_line
+
+    record = {
+        "subject": f"{args.checkpoint.name} + {args.assistant.name}, {len(prompts)} prompts x {args.new_tokens} tokens",
+        "command": command_line("runtime.bench", argv),
+        "step_costs_ms": costs,
+        **results,
+    }
+    (args.out / "bench.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(results, args.out / "speedup.png")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'speedup.png'}")
     return 0

@@ -42,11 +42,13 @@ from runtime.loop import greedy_generate, speculative_generate
 # The same bound holds for ExecuTorch/XNNPACK fp32 because its graph spells tanh-GELU out
 # in elementary ops (XNNPACK 1.5.1's own GELU is the erf form, ~1e-2 off on the logits).
 RTOL = 1e-4
-# Drafts are compared as tokens. The drafter's input state carries the target's ~1e-4
-# relative difference and passes through up to 4 unrolled steps; a different argmax is
-# accepted only where the reference's own choice is that close: its top two logits, or
-# (centroid heads) the scores of its last chosen and first left-out centroid, lie within
-# this relative gap.
+# Drafts are compared as tokens, with transformers' drafter fed the same inputs as ours: our
+# target's hidden state and our producer caches (their own parity is checked above), so only
+# the drafter graph differs, by fp32 rounding (~1e-7) grown through up to 4 unrolled steps
+# (a random drafter grows a relative difference ~10x per step; measured 2.8e-3 at step 4
+# from 1.4e-5). A different argmax is accepted only where the reference's own choice is that
+# close: its top two logits, or (centroid heads) the scores of its last chosen and first
+# left-out centroid, lie within this relative gap.
 DRAFT_TIE = 1e-3
 
 
@@ -135,9 +137,10 @@ class Reference:
 
     @torch.no_grad()
     def drafts(self, seq: list[int], hidden: torch.Tensor, shared, pos: int, k: int):
-        """transformers' drafter at position pos over the accepted positions < pos:
-        the draft tokens, each step's logits and each step's centroid margin (relative gap
-        between the last chosen and the first left-out centroid score; inf for dense heads)."""
+        """transformers' drafter at position pos over the accepted positions < pos, from the
+        target state `hidden` [1, >=pos, H] and the producer caches `shared`: the draft
+        tokens, each step's logits and each step's centroid margin (relative gap between the
+        last chosen and the first left-out centroid score; inf for dense heads)."""
         kv = {t: (kk[:, :, :pos], vv[:, :, :pos]) for t, (kk, vv) in shared.items()}
         token = torch.tensor([[seq[pos]]])
         state = hidden[:, pos - 1 : pos]
@@ -168,6 +171,43 @@ def _centroid_margin(scores: torch.Tensor, top_k: int) -> float:
     """Relative gap between the last centroid a head keeps and the first it leaves out."""
     top = torch.sort(scores, descending=True).values
     return float((top[top_k - 1] - top[top_k]) / top[top_k - 1].abs().clamp(min=1e-12))
+
+
+class BackendInputs:
+    """The drafter inputs a backend holds at a round: the target's hidden state of the last
+    accepted position (seen through on_target) and its producer caches, laid out as the
+    reference's shared KV (positions outside what the backend's ring still holds keep the
+    reference's values; the drafter's sliding window never reaches them)."""
+
+    def __init__(self, backend, layout, shared, hidden_t: torch.Tensor):
+        self.backend, self.layout = backend, layout
+        self.shared, self.hidden = shared, hidden_t.clone()
+
+    def on_target(self, start, ids, logits, hidden):
+        n = max(0, min(len(ids), self.hidden.shape[1] - start))
+        self.hidden[0, start : start + n] = torch.from_numpy(np.asarray(hidden)[:n])
+
+    def at(self, pos: int, drafted: int):
+        caches = producer_caches(self.backend, self.layout)
+        if caches is None:
+            return self.hidden, self.shared
+        slots = self.layout["ring_slots"]
+        # the verify pass of this round wrote positions pos..pos+drafted over the oldest slots
+        lo = max(0, pos + drafted + 1 - slots)
+        ring = np.arange(lo, pos)
+        kv = {}
+        for kind, key in (("full", "full_attention"), ("sliding", "sliding_attention")):
+            pair = []
+            for idx, name in enumerate(("key", "value")):
+                t = self.shared[key][idx][:, :, :pos].clone()
+                ours = caches[f"{kind}.{name}"]
+                if kind == "full":
+                    t[:, :, :pos] = torch.from_numpy(np.ascontiguousarray(ours[:, :, :pos]))
+                else:
+                    t[:, :, lo:pos] = torch.from_numpy(np.ascontiguousarray(ours[:, :, ring % slots]))
+                pair.append(t)
+            kv[key] = tuple(pair)
+        return self.hidden, kv
 
 
 def producer_caches(backend, layout) -> dict[str, np.ndarray] | None:
@@ -234,8 +274,11 @@ def check_prompt(
     for k in range(1, layout["max_draft"] + 1):
         mismatched, ties = [], []
 
-        def on_round(pos, drafts, accepted, mismatched=mismatched, ties=ties):
-            expected, ref_logits, margins = ref.drafts(seq, hidden_t, shared, pos, len(drafts))
+        inputs = BackendInputs(backend, layout, shared, hidden_t)
+
+        def on_round(pos, drafts, accepted, mismatched=mismatched, ties=ties, inputs=inputs):
+            state, kv = inputs.at(pos, len(drafts))
+            expected, ref_logits, margins = ref.drafts(seq, state, kv, pos, len(drafts))
             for ours, theirs, lg, margin in zip(drafts, expected, ref_logits, margins):
                 if ours != theirs:
                     # a near-tie in the reference's choice is not a disagreement
@@ -244,7 +287,9 @@ def check_prompt(
                     (ties if tie else mismatched).append(pos)
                     break  # later steps start from a different token
 
-        spec, stats, _ = speculative_generate(backend, prompt_ids, new_tokens, k, on_round=on_round)
+        spec, stats, _ = speculative_generate(
+            backend, prompt_ids, new_tokens, k, on_round=on_round, on_target=inputs.on_target
+        )
         detail = f"{_first_diff(spec, greedy)}; mean accepted length {stats.mean_accepted_length:.2f}"
         hf_ok = True
         if transformers_speculative:
@@ -397,10 +442,18 @@ def main(argv=None) -> int:
         print(f"parity: {name} {artifacts} vs transformers, tolerance rel {RTOL:g}")
         for stem, ids in prompts:
             check_prompt(report, ref, backend, backend.layout, ids, args.new_tokens, f"{name}/{stem}", args.draft_tie)
+    from runtime.results import command_line
+
+    subject = ", ".join(f"{name} {artifacts}" for name, (artifacts, _, _) in backends.items())
+    record = {
+        "ok": report.ok,
+        "rtol": RTOL,
+        "subject": f"{subject} vs transformers ({args.checkpoint.name} + {args.assistant.name})",
+        "command": command_line("runtime.parity", argv),
+        "checks": [c.__dict__ for c in report.checks],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"ok": report.ok, "rtol": RTOL, "checks": [c.__dict__ for c in report.checks]}, indent=1) + "\n"
-    )
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
     failed = [c for c in report.checks if not c.ok]
     print(f"\n{len(report.checks) - len(failed)} passed, {len(failed)} failed  (details: {args.out})")
     return 0 if report.ok else 1

@@ -14,12 +14,12 @@ DEMO = REPO / "export" / "demo" / "weights"
 PROMPTS = REPO / "calibration" / "prompts"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """`make test` runs on two xdist workers (--dist loadgroup): every test module is meant
-    to be one group, so that its module-scoped exports are built once, on one worker. Known
-    gap: with pytest 9.2 xdist 3.8's group suffix is ignored (it sets `item._nodeid`, pytest 9
-    reads `_id`), so tests are spread singly and a module's exports may be built on both
-    workers (make test's durations show test_executorch's setup twice)."""
+    """`make test` runs on two xdist workers (--dist loadgroup): every test module is one
+    group, so that its module-scoped exports are built once, on one worker. This hook must run
+    before xdist's own, which turns the marks into node-id suffixes (hence tryfirst); pytest
+    is pinned to 8.4, since xdist 3.8's suffix is ignored by pytest 9 (it reads `_id`)."""
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
