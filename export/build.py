@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: target graphs take logit_index and return those rows' logits only
 QUALITY_NEW_TOKENS = 128
 CALIBRATION_NEW_TOKENS = 128
 

@@ -5,9 +5,11 @@ Steps:
    target's caches as mutable buffers (same ring layout), tanh-GELU spelled out (XNNPACK in
    ExecuTorch 1.5.1 would otherwise run the erf GELU, ~1e-2 off on the logits);
 2. methods, each exported with torch.export (dynamic token count where it applies):
-   - `forward(tokens [1, N], input_pos [1])` -> logits [1, N, V]: the contract of ExecuTorch's
-     LLM runners (`TextLLMRunner`);
-   - `target_step(tokens, input_pos)` -> logits, hidden: prefill chunk, decode, verify;
+   - `forward(tokens [1, N], input_pos [1])` -> logits [1, 1, V] of the last position: the
+     contract of ExecuTorch's LLM runners (`TextLLMRunner`);
+   - `target_step(tokens, input_pos, logit_index [R])` -> logits [1, R, V] of the rows
+     logit_index names (R <= max_draft + 1, so the planned logits buffer is (max_draft + 1)
+     x V, not max_context x V), hidden [1, N, H]: prefill chunk, decode, verify;
    - `draft_step(token [1, 1], state [1, 1, H], input_pos [1])` -> logits, projected state:
      the drafter reads the caches the target methods wrote and embeds its token with the
      program's one embedding table;
@@ -47,11 +49,11 @@ class EtPair(torch.nn.Module):
             out += [getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")]
         return out
 
-    def run_target(self, tokens, input_pos):
+    def run_target(self, tokens, input_pos, logit_index):
         embeds, ple = self.embed(tokens)
         positions = (input_pos[0] + torch.arange(tokens.shape[1]))[None]
         caches = self.caches()
-        logits, hidden, *present = self.step(embeds, ple, positions, *caches)
+        logits, hidden, *present = self.step(embeds, ple, positions, logit_index, *caches)
         for buf, new in zip(caches, present):
             buf.copy_(new)
         return logits, hidden
@@ -70,19 +72,24 @@ class EtPair(torch.nn.Module):
 
 
 class _Forward(torch.nn.Module):
-    """forward(tokens, input_pos) -> logits: the LLM-runner contract."""
+    """forward(tokens, input_pos) -> logits [1, 1, V] of the last position: the LLM-runner
+    contract (ExecuTorch's own LLM exports return the last position too)."""
 
     def __init__(self, pair: EtPair):
         super().__init__()
         self.pair = pair
 
     def forward(self, tokens, input_pos):
-        return self.pair.run_target(tokens, input_pos)[0]
+        n = tokens.shape[1]
+        return self.pair.run_target(tokens, input_pos, torch.arange(n - 1, n))[0]
 
 
 class _TargetStep(_Forward):
-    def forward(self, tokens, input_pos):
-        return self.pair.run_target(tokens, input_pos)
+    """target_step(tokens, input_pos, logit_index) -> logits of the rows logit_index names
+    (at most max_draft + 1), hidden states of every position."""
+
+    def forward(self, tokens, input_pos, logit_index):
+        return self.pair.run_target(tokens, input_pos, logit_index)
 
 
 class _DraftStep(_Forward):
@@ -220,6 +227,7 @@ def export_executorch(
             flush=True,
         )
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    rows = torch.export.Dim("logit_rows", min=1, max=max_draft + 1)
     ids = torch.full((1, 3), spec.bos_token_id, dtype=torch.long)
     pos = torch.tensor([0])
     state = torch.zeros(1, 1, spec.hidden_size)
@@ -227,9 +235,12 @@ def export_executorch(
     with torch.no_grad():
         for name in methods:
             t0 = time.time()
-            if name in ("forward", "target_step"):
-                method = (_Forward if name == "forward" else _TargetStep)(pair)
-                programs[name] = torch.export.export(method, (ids, pos), dynamic_shapes=({1: tokens}, None))
+            if name == "forward":
+                programs[name] = torch.export.export(_Forward(pair), (ids, pos), dynamic_shapes=({1: tokens}, None))
+            elif name == "target_step":
+                programs[name] = torch.export.export(
+                    _TargetStep(pair), (ids, pos, torch.arange(1, 3)), dynamic_shapes=({1: tokens}, None, {0: rows})
+                )
             else:
                 method = _DraftStep(pair) if name == "draft_step" else _DraftRound(pair, int(name[len("draft_k") :]))
                 programs[name] = torch.export.export(method, (ids[:, :1], state, pos))

@@ -12,7 +12,7 @@ The cache layout (see `CacheLayout`):
   (shown in `CacheLayout.ring_positions`). So committing a round is just choosing the next
   start position.
 
-Steps of `TargetStep.forward(inputs_embeds, per_layer_inputs, position_ids, *caches)`
+Steps of `TargetStep.forward(inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches)`
 (N new tokens at positions p..p+N-1; N = prompt chunk, 1 for decode, k+1 for verify):
 1. PLE: the context path (projection of the embeddings, RMSNorm) joins the token path
    (`per_layer_inputs`, looked up from the ids by `EmbedStep`);
@@ -20,7 +20,10 @@ Steps of `TargetStep.forward(inputs_embeds, per_layer_inputs, position_ids, *cac
    to [ring before this call ; new entries] and write the new entries into the ring
    afterwards, so a chunk never evicts what its own queries need; full owners write first
    and attend to the whole cache;
-3. final norm -> hidden states; LM head with softcapping -> logits.
+3. final norm -> hidden states [1, N, H]; LM head with softcapping -> logits [1, R, V] for
+   the R rows of the call that `logit_index` names (R <= max_draft + 1: the last position
+   of a prefill chunk, the k+1 of a verify pass). A prefill chunk never builds N x vocabulary
+   logits (1024 x 262144 fp32 is 1.1 GB at E4B's size, and its LM-head work).
 
 `DrafterStep.forward(inputs_embeds, position_ids, full_k, full_v, sliding_k, sliding_v)`:
 one MTP drafter step at position p reading the target's shared caches for positions < p
@@ -105,7 +108,7 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
     a = layout.attention
     producers = a.kv_producers()
     return {
-        "format_version": 1,
+        "format_version": 2,  # 2: target graphs take logit_index (at most logit_rows rows)
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size,
         "num_layers": a.num_layers,
@@ -113,6 +116,7 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
         "sliding_window": a.sliding_window,
         "max_context": layout.max_context,
         "max_draft": layout.max_draft,
+        "logit_rows": layout.max_draft + 1,
         "ring_slots": layout.ring_slots,
         "cache_owners": layout.owners,
         "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
@@ -299,7 +303,7 @@ class TargetStep(nn.Module):
         for lt in (SLIDING, FULL):
             self.register_buffer(f"rot_{lt}", _rotate_matrix(layout.attention.head_dim_of(lt)), persistent=False)
 
-    def forward(self, inputs_embeds, per_layer_inputs, position_ids, *caches):
+    def forward(self, inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches):
         a = self.layout.attention
         m = self.model
         positions = position_ids[0]  # [N]
@@ -374,7 +378,7 @@ class TargetStep(nn.Module):
             h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
 
         hidden = self.ops.rms(m.norm, h)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden.index_select(1, logit_index))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return (logits, hidden, *present)

@@ -5,9 +5,10 @@ Steps:
 2. export the graphs with the dynamo exporter (opset 20), weights as external data:
    - `embed.onnx`: input_ids -> inputs_embeds, per_layer_inputs (the embedding table and
      the PLE table live only here; the drafter gets its token embedding from this graph);
-   - `target.onnx`: inputs_embeds, per_layer_inputs, position_ids,
-     past_key_values.{i}.key/value (cache owners only) -> logits, last_hidden_state,
-     present.{i}.key/value; the token count is dynamic (prefill chunk, decode, verify);
+   - `target.onnx`: inputs_embeds, per_layer_inputs, position_ids, logit_index,
+     past_key_values.{i}.key/value (cache owners only) -> logits (of the rows logit_index
+     names, at most max_draft + 1), last_hidden_state, present.{i}.key/value; the token
+     count is dynamic (prefill chunk, decode, verify);
    - `drafter.onnx`: inputs_embeds, position_ids, shared_kv.{full,sliding}_attention.{key,value}
      -> logits, projected_state (one step, the community layout);
    - `drafter_k{k}.onnx` for k = 1..max_draft: input_ids, state, position_ids, shared_kv.*
@@ -62,8 +63,8 @@ class _ListCaches(torch.nn.Module):
         super().__init__()
         self.step = step
 
-    def forward(self, inputs_embeds, per_layer_inputs, position_ids, caches: list[torch.Tensor]):
-        return self.step(inputs_embeds, per_layer_inputs, position_ids, *caches)
+    def forward(self, inputs_embeds, per_layer_inputs, position_ids, logit_index, caches: list[torch.Tensor]):
+        return self.step(inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches)
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None):
@@ -94,6 +95,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
     caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
     names = layout.cache_names()
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    rows = torch.export.Dim("logit_rows", min=1, max=max_draft + 1)
     n = 3
     ids = torch.full((1, n), spec.bos_token_id, dtype=torch.long)
 
@@ -108,11 +110,11 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
         step = _ListCaches(TargetStep(target, layout)).eval()
         _export(
             step,
-            (embeds, ple, torch.arange(n)[None], caches),
+            (embeds, ple, torch.arange(n)[None], torch.arange(1, n), caches),
             out_dir / "target.onnx",
-            ["inputs_embeds", "per_layer_inputs", "position_ids", *names],
+            ["inputs_embeds", "per_layer_inputs", "position_ids", "logit_index", *names],
             ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names]],
-            ({1: tokens}, {1: tokens}, {1: tokens}, [None] * len(caches)),
+            ({1: tokens}, {1: tokens}, {1: tokens}, {0: rows}, [None] * len(caches)),
         )
 
         if drafter is not None:
@@ -186,6 +188,8 @@ def check_graphs(out_dir: Path) -> None:
     for name in ("inputs_embeds", "per_layer_inputs", "position_ids"):
         if not isinstance(ins[name][1], str):
             raise ValueError(f"target.onnx: {name} has a fixed token count {ins[name][1]}; expected dynamic")
+    if "logit_index" not in ins or not isinstance(ins["logit_index"][0], str):
+        raise ValueError(f"target.onnx: logit_index {ins.get('logit_index')}; expected a dynamic row count")
     for name in ("logits", "last_hidden_state"):
         if name not in outs:
             raise ValueError(f"target.onnx: output {name} missing")

@@ -11,6 +11,7 @@ import torch
 from export.config import TargetSpec
 from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
 from runtime.artifacts import eos_ids
+from runtime.loop import logit_index
 
 
 class EagerBackend:
@@ -20,6 +21,7 @@ class EagerBackend:
         spec = TargetSpec.from_hf(target.config)
         self.layout = CacheLayout(spec.attention, max_context, max_draft)
         self.vocab_size = spec.vocab_size
+        self.max_draft = max_draft
         self.embed = EmbedStep(target)
         self.step = TargetStep(target, self.layout)
         self.draft_step = DrafterStep(drafter, self.layout) if drafter is not None else None
@@ -34,7 +36,8 @@ class EagerBackend:
     def target(self, ids: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
         t = torch.tensor([ids])
         e, ple = self.embed(t)
-        logits, hidden, *self.caches = self.step(e, ple, torch.arange(start, start + len(ids))[None], *self.caches)
+        rows = torch.from_numpy(logit_index(len(ids), self.layout.max_draft))
+        logits, hidden, *self.caches = self.step(e, ple, torch.arange(start, start + len(ids))[None], rows, *self.caches)
         return logits[0].numpy(), hidden[0].numpy()
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.loop import chained_drafts
+from runtime.loop import chained_drafts, prefill_chunks
 from runtime.artifacts import LAYOUT_FILE, ArtifactError
 
 PROGRAM_FILE = "pair.pte"
@@ -50,6 +50,11 @@ class ExecuTorchBackend:
         if missing:
             raise ArtifactError(f"{path} has no method(s) {sorted(missing)}; re-export it with this toolchain")
         self.target_method = self.program.load_method("target_step")
+        if self.target_method.metadata.num_inputs() != 3:
+            raise ArtifactError(
+                f"{path}: target_step takes {self.target_method.metadata.num_inputs()} inputs, not (tokens, "
+                "input_pos, logit_index): exported by an older version of this toolchain; re-export it"
+            )
         self.reset_method = self.program.load_method("reset_caches")
         self.draft_method = self.program.load_method("draft_step") if "draft_step" in names else None
         self.method_names = names
@@ -71,15 +76,18 @@ class ExecuTorchBackend:
                 f"context of {start + len(ids)} tokens exceeds the exported max_context {self.max_context}; "
                 "re-export with a larger --max-context"
             )
-        logits, hidden = [], []
-        for c in range(0, len(ids), self.prefill_chunk):
-            chunk = torch.tensor([ids[c : c + self.prefill_chunk]], dtype=torch.long)
-            out = self.target_method.execute([chunk, torch.tensor([start + c], dtype=torch.long)])
-            logits.append(out[0][0].numpy().copy())  # outputs may alias the method's memory
+        hidden = []
+        for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
+            out = self.target_method.execute(
+                [
+                    torch.tensor([ids[a:b]], dtype=torch.long),
+                    torch.tensor([start + a], dtype=torch.long),
+                    torch.from_numpy(rows),
+                ]
+            )
+            logits = out[0][0].numpy().copy()  # outputs may alias the method's memory
             hidden.append(out[1][0].numpy().copy())
-        if len(logits) == 1:
-            return logits[0], hidden[0]
-        return np.concatenate(logits), np.concatenate(hidden)
+        return logits, (hidden[0] if len(hidden) == 1 else np.concatenate(hidden))
 
     def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
         if self.draft_method is None:

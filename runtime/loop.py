@@ -5,9 +5,11 @@ A backend implements `StepBackend` (numpy in, numpy out, no torch):
   outside it are refused before any call);
 - `reset()`: empty caches;
 - `target(ids, start)`: run the target over `ids` at positions start..start+N-1, writing
-  their K/V; returns logits [N, V] and final hidden states [N, H]. Calling it again at an
-  earlier start is the rollback: the cache layout makes entries past the new start
-  invisible (export/modules.py);
+  their K/V; returns logits [R, V] of the last R = min(N, max_draft + 1) positions
+  (`logit_rows`: every position of a decode step or verify pass, the last ones of a
+  prefill) and final hidden states [N, H]. Calling it again at an earlier start is the rollback: the cache
+  layout makes entries past the new start invisible (export/modules.py). Logits of every
+  position: `teacher_forced`;
 - `draft(token, state, position)`: one drafter step at `position`, reading the target's
   caches below it; returns logits [V] and the projected state [H];
 - optionally `draft_tokens(token, state, position, k)`: the k greedy drafts of a round in
@@ -108,8 +110,48 @@ def _check_draft_length(backend, draft_tokens: int) -> None:
         )
 
 
+def logit_rows(n: int, max_draft: int) -> int:
+    """Rows of logits a target call over n tokens returns: every position of a decode step or
+    verify pass (n <= max_draft + 1), the last max_draft + 1 of a longer call."""
+    return min(n, max_draft + 1)
+
+
+def logit_index(n: int, max_draft: int) -> np.ndarray:
+    """The positions within a call of n tokens whose logits it returns (the graphs' input)."""
+    return np.arange(n - logit_rows(n, max_draft), n, dtype=np.int64)
+
+
+def prefill_chunks(n: int, chunk: int, max_draft: int) -> list[tuple[int, int, np.ndarray]]:
+    """(begin, end, logit_index) of each target call of a call over n tokens split into
+    chunks of at most `chunk`: only the last one returns logits (its last logit_rows(n)
+    positions; it is made that long if the split would leave it shorter), earlier ones
+    compute the one row the graphs cannot do without."""
+    rows = logit_rows(n, max_draft)
+    starts = list(range(0, n, chunk))
+    if n - starts[-1] < rows:
+        starts = [s for s in starts if s < n - rows] + [n - rows]
+    ends = starts[1:] + [n]
+    return [
+        (a, b, logit_index(b - a, max_draft) if b == n else np.asarray([b - a - 1], dtype=np.int64))
+        for a, b in zip(starts, ends)
+    ]
+
+
+def teacher_forced(backend, ids: list[int], start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, V] and hidden states [N, H] of every position of ids, from target calls of
+    at most max_draft + 1 tokens each (quality and parity reports compare every position)."""
+    step = (getattr(backend, "max_draft", None) or 0) + 1
+    logits, hidden = [], []
+    for c in range(0, len(ids), step):
+        lg, hd = backend.target(ids[c : c + step], start + c)
+        logits.append(lg)
+        hidden.append(hd)
+    return np.concatenate(logits), np.concatenate(hidden)
+
+
 def run_target(backend, ids: list[int], start: int, timer: StepTimer, kind: str, on_target=None):
-    """One target call (prefill chunk, decode step or verify pass) -> logits [N, V], hidden [N, H]."""
+    """One target call (prefill chunk, decode step or verify pass) -> logits [R, V] of the last
+    R positions, hidden [N, H]."""
     logits, hidden = _timed(timer, kind, backend.target, ids, start)
     if on_target is not None:
         on_target(start, ids, logits, hidden)

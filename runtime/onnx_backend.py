@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.artifacts import LAYOUT_FILE, ArtifactError, cache_names, shared_kv_sources
-from runtime.loop import chained_drafts
+from runtime.loop import chained_drafts, prefill_chunks
 
 __all__ = ["ArtifactError", "LAYOUT_FILE", "OnnxBackend"]
 
@@ -57,6 +57,11 @@ class OnnxBackend:
         self.shared = self._load_shared()
         self.embed_sess = self._open("embed.onnx", 1)
         self.target_sess = self._open("target.onnx", threads)
+        if "logit_index" not in {i.name for i in self.target_sess.get_inputs()}:
+            raise ArtifactError(
+                f"{self.dir / 'target.onnx'} has no logit_index input: exported by an older version of this "
+                "toolchain; re-export it"
+            )
         self.has_drafter = (self.dir / "drafter.onnx").is_file()
         self.drafter_sess = None  # opened on first use, as the drafting-round graphs
         self.round_sess: dict[int, ort.InferenceSession] = {}
@@ -104,22 +109,22 @@ class OnnxBackend:
                 f"context of {start + len(ids)} tokens exceeds the exported max_context {self.layout['max_context']}; "
                 "re-export with a larger --max-context"
             )
-        logits, hidden = [], []
-        for c in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[c : c + self.prefill_chunk]
-            embeds, ple = self.embed(chunk)
-            pos = start + c
+        hidden = []
+        for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
+            embeds, ple = self.embed(ids[a:b])
+            pos = start + a
             feed = {
                 "inputs_embeds": embeds,
                 "per_layer_inputs": ple,
-                "position_ids": np.arange(pos, pos + len(chunk), dtype=np.int64)[None],
+                "position_ids": np.arange(pos, start + b, dtype=np.int64)[None],
+                "logit_index": rows,
                 **self.caches,
             }
             out = self.target_sess.run(None, feed)
-            logits.append(out[0][0])
+            logits = out[0][0]
             hidden.append(out[1][0])
             self.caches = dict(zip(self.past_names, out[2:]))
-        return np.concatenate(logits), np.concatenate(hidden)
+        return logits, np.concatenate(hidden)
 
     def _shared_kv_feed(self, feed: dict) -> dict:
         for name, cache in self.shared_names.items():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from calibration.quality import HELDOUT as PROMPTS  # the held-out prompt files, listed once
-from runtime.loop import greedy_generate, speculative_generate
+from runtime.loop import greedy_generate, speculative_generate, teacher_forced
 
 
 # fp32 on both sides, different kernels and summation order (onnxruntime's fused MatMul /
@@ -241,13 +241,14 @@ def check_prompt(
     ref_logits, ref_hidden, shared, hidden_t = ref.forward(seq[:-1])
     print(f"  [{label}] reference: {len(prompt_ids)} prompt + {new_tokens} new tokens ({time.time() - t0:.1f}s)")
 
-    # tensors, step by step
-    seen_logits, seen_hidden = [], []
-    ours, _, _ = greedy_generate(
-        backend, prompt_ids, new_tokens, on_target=lambda start, ids, lg, hd: (seen_logits.append(lg), seen_hidden.append(hd))
-    )
-    logits = np.concatenate(seen_logits)
+    # tensors: hidden states as greedy decoding computes them (prefill chunks, then one token
+    # per call); logits of every position in verify-sized calls (a call returns the logits of
+    # its last max_draft + 1 positions only), which also leaves the caches holding seq[:-1]
+    seen_hidden = []
+    ours, _, _ = greedy_generate(backend, prompt_ids, new_tokens, on_target=lambda s, ids, lg, hd: seen_hidden.append(hd))
     hidden = np.concatenate(seen_hidden)
+    backend.reset()
+    logits, _ = teacher_forced(backend, seq[:-1])
     e_logits, e_hidden = rel_err(logits, ref_logits), rel_err(hidden, ref_hidden)
     report.add(f"{label}: logits, {len(logits)} positions", e_logits <= RTOL, f"rel err {e_logits:.2e}", e_logits)
     report.add(f"{label}: final hidden states", e_hidden <= RTOL, f"rel err {e_hidden:.2e}", e_hidden)

@@ -129,6 +129,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="its name in results/ (e.g. parity-demo-fp32)")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README's table is not the rendering of results/")
     args = ap.parse_args(argv)
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"error: README.md has no {BEGIN} ... {END} block to render into", file=sys.stderr)
+        return 2
     if args.add:
         if not args.name or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
             print("error: --add needs --name (lower case letters, digits, '-', '_', '.')", file=sys.stderr)
@@ -143,7 +147,6 @@ def main(argv=None) -> int:
             return 2
         RESULTS.mkdir(exist_ok=True)
         shutil.copyfile(args.add, RESULTS / f"{args.name}.json")
-    text = README.read_text()
     new = replace_block(text, render())
     if args.check:
         if new != text:

@@ -74,33 +74,48 @@ def test_methods_metadata_and_delegation(program, pair):
 
 
 def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, prompt):
-    """Logits of a chunked prefill match transformers; the drafter method then reads the
-    caches the target method wrote (shared mutable buffers) and matches the eager modules."""
+    """A chunked prefill matches transformers (hidden states of every position, logits of the
+    rows asked for); `forward` returns the last position's logits only; the drafter method
+    then reads the caches the target method wrote (shared mutable buffers) and matches the
+    eager modules."""
     prog, _ = program
     target, drafter = pair
     step = prog.load_method("target_step")
     ids = torch.tensor([prompt])
+    n = len(prompt)
     with torch.no_grad():
-        ref = target(ids).logits[0]
-    first = step.execute([ids[:, :100], torch.tensor([0])])
-    second = step.execute([ids[:, 100:], torch.tensor([100])])
-    ours = torch.cat([first[0][0], second[0][0]])
+        ref = target(ids, output_hidden_states=True)
+    rows = MAX_DRAFT + 1  # the most logit rows a call returns
+    first = step.execute([ids[:, :100], torch.tensor([0]), torch.arange(100 - rows, 100)])
+    second = step.execute([ids[:, 100:], torch.tensor([100]), torch.arange(n - 100 - rows, n - 100)])
+    logits = torch.cat([first[0][0], second[0][0]])
+    hidden = torch.cat([first[1][0], second[1][0]])
+    expected = ref.logits[0][[*range(100 - rows, 100), *range(n - rows, n)]]
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
     # fp32 XNNPACK with the tanh-GELU spelled out: relative 1e-4 as for onnxruntime (measured
     # 8e-7 on the demo pair; with the native GELU XNNPACK is ~1e-2 off).
-    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert logits.shape[0] == 2 * rows and rel(logits, expected) < 1e-4
+    assert rel(hidden, ref.hidden_states[-1][0]) < 1e-4
 
     layout = CacheLayout(TargetSpec.from_hf(target.config).attention, MAX_CONTEXT, MAX_DRAFT)
     embed, tstep, dstep = EmbedStep(target), TargetStep(target, layout), DrafterStep(drafter, layout)
     caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
     with torch.no_grad():
         e, ple = embed(ids)
-        _, hidden, *caches = tstep(e, ple, torch.arange(len(prompt))[None], *caches)
+        _, hidden, *caches = tstep(e, ple, torch.arange(len(prompt))[None], torch.tensor([len(prompt) - 1]), *caches)
         token = torch.tensor([[7]])
         p = layout.attention.kv_producers()
         shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
         state = hidden[:, -1:]
         ref_logits, ref_state = dstep(torch.cat([embed(token)[0], state], -1), torch.tensor([[len(prompt)]]), *shared)
     logits, new_state = prog.load_method("draft_step").execute([token, second[1][:, -1:], torch.tensor([len(prompt)])])
+    # the runner contract's forward: [1, 1, V], the last position (a fresh sequence)
+    prog.load_method("reset_caches").execute([])
+    (last,) = prog.load_method("forward").execute([ids, torch.tensor([0])])
+    assert last.shape == (1, 1, ref.logits.shape[-1]) and rel(last[0, 0], ref.logits[0, -1]) < 1e-4
     # candidates only: both fill the rest with the same constant
     cand = ref_logits > -1e29
     assert torch.equal(cand, logits > -1e29)

@@ -110,3 +110,17 @@ def test_ring_positions_pinned():
 def test_layout_refuses_a_context_inside_the_window():
     with pytest.raises(ValueError, match="must exceed the sliding window"):
         CacheLayout(preset("demo").target.attention, max_context=64, max_draft=4)
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 4), (5, 4), (101, 50), (100, 50), (10, 1), (7, 256), (3, 2)])
+def test_prefill_chunks_cover_every_position_once_and_end_with_the_logit_rows(n, chunk):
+    from runtime.loop import logit_rows, prefill_chunks
+
+    max_draft = 4
+    calls = prefill_chunks(n, chunk, max_draft)
+    assert [a for a, _, _ in calls] == sorted({a for a, _, _ in calls})
+    assert [b for _, b, _ in calls][:-1] == [a for a, _, _ in calls][1:] and calls[0][0] == 0 and calls[-1][1] == n
+    a, b, rows = calls[-1]
+    assert list(rows) == list(range(b - a - logit_rows(n, max_draft), b - a)) and len(rows) == min(n, max_draft + 1)
+    for a, b, rows in calls[:-1]:
+        assert list(rows) == [b - a - 1] and b - a <= chunk

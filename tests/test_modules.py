@@ -58,7 +58,7 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
         logits, hidden = [], []
         for a, b in ((0, 97), (97, 150)):  # two chunks, the second crossing the window
             e, ple = embed(ids[:, a:b])
-            lg, hd, *caches = step(e, ple, torch.arange(a, b)[None], *caches)
+            lg, hd, *caches = step(e, ple, torch.arange(a, b)[None], torch.arange(b - a), *caches)  # every row
             logits.append(lg[0])
             hidden.append(hd[0])
         ours = torch.cat(logits)
@@ -102,7 +102,7 @@ def test_drafting_round_equals_transformers_drafter_chain(grouped_pair, xnnpack)
         ref = target(ids, return_shared_kv_states=True, output_hidden_states=True)
         caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
         e, ple = embed(ids)
-        _, hidden, *caches = step(e, ple, torch.arange(150)[None], *caches)
+        _, hidden, *caches = step(e, ple, torch.arange(150)[None], torch.tensor([149]), *caches)
         p = layout.attention.kv_producers()
         shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
         ours = rounds(torch.tensor([[5]]), hidden[:, -1:], torch.tensor([[150]]), *shared)[0].tolist()

@@ -142,6 +142,7 @@ class _StepsOnly:
 
     def __init__(self, backend):
         self.backend, self.name, self.eos_token_ids = backend, "steps", backend.eos_token_ids
+        self.max_draft, self.vocab_size = backend.max_draft, backend.vocab_size
 
     def reset(self):
         self.backend.reset()
@@ -158,13 +159,18 @@ def test_chunked_prefill_and_rollback_match_transformers(onnx_dir, pair):
     backend = OnnxBackend(onnx_dir, prefill_chunk=50)
     ids = PROMPT + list(range(100, 140))
     with torch.no_grad():
-        ref = target(torch.tensor([ids])).logits[0].numpy()
-    logits, _ = backend.target(PROMPT, 0)  # 3 chunks past the ring size
+        out = target(torch.tensor([ids]), output_hidden_states=True)
+    ref, ref_hidden = out.logits[0].numpy(), out.hidden_states[-1][0].numpy()
+    rows = backend.max_draft + 1  # a call returns the logits of its last max_draft + 1 positions
+    logits, hidden = backend.target(PROMPT, 0)  # 3 chunks past the ring size
     junk, _ = backend.target([7, 8, 9, 10, 11], len(PROMPT))  # rejected drafts...
-    tail, _ = backend.target(ids[len(PROMPT) :], len(PROMPT))  # ...overwritten from the same start
-    ours = np.concatenate([logits, tail])
+    tail, tail_hidden = backend.target(ids[len(PROMPT) :], len(PROMPT))  # ...overwritten from the same start
+    assert logits.shape[0] == tail.shape[0] == rows
+    n = len(PROMPT)
     # fp32, different kernels: relative 1e-4 (measured ~5e-5); a wrong mask or slot is >1e-1.
-    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    err = max(np.abs(lo - r).max() / np.abs(r).max() for lo, r in
+              ((np.concatenate([logits, tail]), np.concatenate([ref[n - rows : n], ref[-rows:]])),
+               (np.concatenate([hidden, tail_hidden]), ref_hidden)))
     assert err < 1e-4, err
 
 

@@ -42,7 +42,7 @@ class Skewed:
 
     def __init__(self, backend):
         self.backend, self.name, self.eos_token_ids = backend, backend.name, backend.eos_token_ids
-        self.caches = None
+        self.max_draft, self.caches = backend.max_draft, None
 
     def reset(self):
         self.backend.reset()
