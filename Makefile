@@ -20,15 +20,17 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test generate export parity bench results demo-model random-pair clean
+.PHONY: help venv test generate export parity bench results native demo-model random-pair clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
 	@echo "make generate [BACKEND=torch|onnx|executorch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
-	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all] [DRAFT_TIE=2e-2 for random pairs]"
+	@echo "              BACKEND=native: the C++ runner over the .pte (make native first)"
+	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all] [DRAFT_TIE=1e-3]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
+	@echo "make native               build the C++ speculative runner (build/native/gemma4-spec, libgemma4_spec.so)"
 	@echo "make results [ADD=artifacts/parity/parity.json NAME=parity-demo]   keep a measurement, re-render README's table"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
 	@echo "make random-pair SHAPE=e4b|e2b|e4b-multimodal OUT=dir   a random-weight pair of the real proportions"
@@ -60,6 +62,13 @@ parity: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+# the C++ runner against the installed executorch wheel (CMake >= 3.28 from the venv)
+NATIVE_BUILD ?= build/native
+native: $(STAMP)
+	$(VENV)/bin/cmake -S native -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH=$$($(PY) -c "import executorch, os; print(os.path.join(list(executorch.__path__)[0], 'share', 'cmake'))")
+	$(VENV)/bin/cmake --build $(NATIVE_BUILD) -j2
 
 results: $(STAMP)
 	$(PY) -m runtime.results $(if $(ADD),--add $(ADD) --name $(NAME))

@@ -69,6 +69,26 @@ class ExecuTorchBackend:
 
     def reset(self) -> None:
         self.reset_method.execute([])
+        self._sharing_checked = False
+
+    def check_shared_caches(self, position: int) -> None:
+        """Refuse drafting when the drafter methods cannot see the caches the target method
+        wrote (methods loaded without shared memory arenas read empty caches: every draft
+        is rejected, silently). At the first drafting call after a reset, the full producer
+        cache as `shared_kv` sees it must hold position - 1 (written) and an empty last slot
+        (reset, unless the context is full): an unshared arena fails one or the other, zeroed
+        or not. The native runner checks the same."""
+        if self._sharing_checked or "shared_kv" not in self.method_names:
+            return
+        key = self.program.load_method("shared_kv").execute([])[0].numpy()  # [1, kv_heads, slots, d]
+        slots = key.shape[2]
+        if not (np.any(key[:, :, position - 1]) and (position >= slots or not np.any(key[:, :, slots - 1]))):
+            raise ArtifactError(
+                "speculative decoding refused: the drafter methods do not see the caches the target method "
+                "wrote (the program's methods do not share their memory arenas); every draft would be "
+                "rejected. Load the program with shared arenas, or decode greedily (DRAFT_TOKENS=0)"
+            )
+        self._sharing_checked = True
 
     def target(self, ids: list[int], start: int) -> tuple[np.ndarray, np.ndarray]:
         if start + len(ids) > self.max_context:
@@ -92,6 +112,7 @@ class ExecuTorchBackend:
     def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
         if self.draft_method is None:
             raise ArtifactError(f"{self.dir / PROGRAM_FILE} has no draft_step; export it with a drafter")
+        self.check_shared_caches(position)
         out = self.draft_method.execute(
             [
                 torch.tensor([[token]], dtype=torch.long),
@@ -103,6 +124,7 @@ class ExecuTorchBackend:
 
     def draft_tokens(self, token: int, state: np.ndarray, position: int, k: int) -> list[int]:
         """k greedy drafts in one call: equal to k `draft` steps with an argmax after each."""
+        self.check_shared_caches(position)
         method = self.round_methods.get(k)
         if method is None:
             # the round method of this length, else the shortest longer one (its first k

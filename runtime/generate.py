@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.native_runner import NativeError
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO / "export" / "demo" / "weights" / "target"
 DEMO_ASSISTANT = REPO / "export" / "demo" / "weights" / "assistant"
@@ -112,7 +114,22 @@ def _executorch_backend(checkpoint: Path, assistant: Path | None, artifacts: Pat
     return LoopRunner(ExecuTorchBackend(artifacts))
 
 
-BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "onnx": _onnx_backend, "executorch": _executorch_backend}
+def _native_backend(checkpoint: Path, assistant: Path | None, artifacts: Path | None):
+    from runtime.native_runner import NativeRunner
+
+    if artifacts is None:
+        from export.cache import cached_executorch_export
+
+        artifacts = cached_executorch_export(checkpoint, assistant)
+    return NativeRunner(artifacts)
+
+
+BACKENDS: dict[str, Callable] = {
+    "torch": _torch_backend,
+    "onnx": _onnx_backend,
+    "executorch": _executorch_backend,
+    "native": _native_backend,  # the C++ runner over the .pte (make native)
+}
 
 
 def make_backend(name: str, checkpoint: Path, assistant: Path | None, artifacts: Path | None = None):
@@ -210,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # UsageError, CheckpointError, ArtifactError included
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NativeError as e:  # a run the native runner refused or that failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

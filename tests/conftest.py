@@ -57,3 +57,15 @@ def pair_copy(random_pair_dir, tmp_path) -> Path:
     dst = tmp_path / "pair"
     shutil.copytree(random_pair_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def native_cli(tmp_path_factory) -> Path:
+    """The C++ runner, built by `make native` into this worker's temp folder."""
+    import subprocess
+
+    build = tmp_path_factory.mktemp("native")
+    proc = subprocess.run(["make", "-C", str(REPO), "native", f"NATIVE_BUILD={build}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return build / "gemma4-spec"
+

@@ -176,3 +176,52 @@ def test_text_llm_runner_reproduces_reference_greedy(artifacts, demo_dirs, promp
     runner.generate(text, config, token_callback=pieces.append)
     expected = tok.decode(reference_greedy)
     assert "".join(pieces) == expected
+
+
+def test_native_runner_tokens_equal_transformers_greedy(native_cli, artifacts, prompt, reference_greedy):
+    """The C++ runner (native/, `make native`) over the same program, everything read from
+    the .pte: greedy and speculative (k = 1..4) tokens equal transformers' greedy tokens."""
+    from runtime.native_runner import NativeRunner
+
+    runner = NativeRunner(artifacts[0], cli=native_cli)
+    for k in range(0, MAX_DRAFT + 1):
+        tokens, stats = runner.generate(prompt, NEW_TOKENS, k, stop_at_eos=False)
+        assert tokens == reference_greedy, k
+        assert stats.new_tokens == NEW_TOKENS and (k == 0 or stats.accepted > 0), (k, stats)
+        assert stats.target_passes == (NEW_TOKENS if k == 0 else stats.target_passes)
+
+
+def test_native_runner_refuses_speculative_decoding_without_shared_arenas(native_cli, artifacts, prompt):
+    """Loaded as ExecuTorch's Android and iOS bindings load a Module (no shared arenas), the
+    drafter methods cannot see the target's caches: the runner refuses, with a message,
+    instead of drafting from empty caches."""
+    from runtime.native_runner import NativeError, NativeRunner
+
+    with pytest.raises(NativeError, match="speculative decoding refused.*share_memory_arenas"):
+        NativeRunner(artifacts[0], cli=native_cli, shared_arenas=False).generate(prompt, 8, 3, stop_at_eos=False)
+
+
+def test_native_runner_refuses_bad_input(native_cli, artifacts, prompt):
+    from runtime.native_runner import NativeRunner
+
+    runner = NativeRunner(artifacts[0], cli=native_cli)
+    with pytest.raises(ValueError, match="outside the vocabulary 0..2047"):
+        runner.generate([2, 5000], 4)
+    with pytest.raises(ValueError, match="exceeds the program's longest drafting round"):
+        runner.generate(prompt, 4, MAX_DRAFT + 1)
+
+
+def test_python_backend_refuses_drafting_over_caches_it_cannot_see(artifacts, prompt):
+    """What the drafter sees through unshared arenas (caches without the target's entries)
+    is refused by the Python backend too; the shared program passes the same check."""
+    from runtime.artifacts import ArtifactError
+    from runtime.executorch_backend import ExecuTorchBackend
+
+    backend = ExecuTorchBackend(artifacts[0])
+    backend.reset()
+    with pytest.raises(ArtifactError, match="speculative decoding refused"):
+        backend.draft_tokens(5, torch.zeros(backend.hidden_size).numpy(), 10, 2)
+    backend.reset()
+    _, hidden = backend.target(prompt, 0)
+    assert len(backend.draft_tokens(5, hidden[-1], len(prompt), 2)) == 2
+

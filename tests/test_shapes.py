@@ -104,11 +104,14 @@ def test_executorch_matches_transformers(shape_pair):
 
 
 @pytest.mark.xdist_group("q8-e4b")
-def test_8da4w_program_with_two_kv_heads(tmp_path):
+def test_8da4w_program_with_two_kv_heads(tmp_path, native_cli):
     """The android quantization (8da4w linears, int8 tables, 8-bit attention and head) of an
     E4B-shaped program (2 KV heads): every matmul inside XNNPACK, and speculative decoding
-    (k = 1..4) gives the quantized program's own greedy tokens, past two windows. (Its
-    quality against fp32 is a gate of `make export`; random weights make it meaningless.)"""
+    (k = 1..4) gives the quantized program's own greedy tokens, past two windows, in the
+    Python backend and in the native runner alike. (Its quality against fp32 is a gate of
+    `make export`; random weights make it meaningless.)"""
+    from runtime.native_runner import NativeRunner
+
     from export.checkpoint import load_pair
     from export.executorch_export import write_executorch
     from runtime.executorch_backend import ExecuTorchBackend
@@ -116,18 +119,23 @@ def test_8da4w_program_with_two_kv_heads(tmp_path):
 
     target, drafter = load_pair(*write_pair("e4b", tmp_path))
     q = {"linear": "8da4w", "group_size": 32, "embedding": "int8", "keep_8bit": ["lm_head", "self_attn", "per_layer"]}
-    info = write_executorch(target, drafter, tmp_path / "q8", MAX_CONTEXT, MAX_DRAFT, q, methods=ET_METHODS)
+    # the single drafter step (the loop chains it) lowers in a fraction of a round method's time
+    methods = ("target_step", "draft_step")
+    info = write_executorch(target, drafter, tmp_path / "q8", MAX_CONTEXT, MAX_DRAFT, q, methods=methods)
     assert info["quantization"]["linears_int4"] > 0 and info["quantization"]["embeddings"] > 0
-    for method in ET_METHODS:
+    for method in methods:
         share = info["delegation"][method]
-        # measured 91.0% / 93.7% (target_step / draft_k4)
-        assert share["matmuls_outside"] == [] and share["delegated_share"] >= 0.88, (method, share)
+        # measured 91.0% for target_step (draft_k4 93.7%; the demo's fp32 draft_step 85%)
+        assert share["matmuls_outside"] == [] and share["delegated_share"] >= 0.84, (method, share)
     backend = ExecuTorchBackend(tmp_path / "q8")
     prompt = [2] + np.random.RandomState(0).randint(4, 2048, PROMPT_LEN - 1).tolist()
     own, _, _ = greedy_generate(backend, prompt, NEW_TOKENS)
     assert len(own) == NEW_TOKENS
     for k in range(1, MAX_DRAFT + 1):
         assert speculative_generate(backend, prompt, NEW_TOKENS, k)[0] == own, k
+    native = NativeRunner(tmp_path / "q8", cli=native_cli)  # rounds of single draft_step calls here
+    for k in range(0, MAX_DRAFT + 1):
+        assert native.generate(prompt, NEW_TOKENS, k, stop_at_eos=False)[0] == own, k
 
 
 def test_shapes_carry_the_real_proportions():
