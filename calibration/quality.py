@@ -246,7 +246,9 @@ def measure_step_costs(backend, context: list[int], max_draft: int, repeats: int
 def drafting_ms(costs: dict, k: int) -> float:
     """Cost of drafting k tokens: one drafting-round call where the backend has it (and it
     was measured), else k drafter steps."""
-    return costs.get(f"draft_round{k}_ms", k * costs["draft_ms"])
+    if f"draft_round{k}_ms" in costs:
+        return costs[f"draft_round{k}_ms"]
+    return k * costs["draft_ms"]
 
 
 def predicted_speedup(tokens_per_round: float, costs: dict, k: int) -> float:

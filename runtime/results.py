@@ -56,10 +56,17 @@ def _parity_rows(name: str, data: dict) -> list[str]:
         differ = sum(int(m.group(1)) for c in drafts if (m := re.search(r"(\d+) differ", c["detail"])))
         rounds = sum(int(m.group(1)) for c in drafts if (m := re.search(r"(\d+) rounds", c["detail"])))
         parts.append(f"drafts vs transformers' drafter: {differ} of {rounds} rounds differ")
+    longest = [c for c in checks if re.search(r"speculative k=(\d+) tokens", c["name"]) and c["value"] is not None]
+    if longest:
+        k = max(int(re.search(r"k=(\d+)", c["name"]).group(1)) for c in longest)
+        values = [f"{c['value']:.2f}" for c in longest if f"k={k} " in c["name"]]
+        parts.append(f"mean accepted length at k = {k}: {', '.join(values)}")
+    if not errs:  # an export judged by its gates: each check's own line
+        parts += [f"{c['name']}: {c['detail']}" for c in checks]
     failed = [c["name"] for c in checks if not c["ok"]]
     if failed:
         parts.append("FAILED: " + "; ".join(failed))
-    what = data.get("subject", name)
+    what = re.sub(r"\S*/\.cache/exports/\S+?(?=[,\s]|$)", "(fp32 export, cached)", data.get("subject", name))
     return [f"| parity: {what} | {'; '.join(parts)} | {_command(data)} |"]
 
 
@@ -91,6 +98,12 @@ def _export_rows(name: str, data: dict) -> list[str]:
             quality.append(f"{fmt} top-1 {100 * q['top1_agreement']:.1f}%, KL {q['mean_kl']:.4f}")
     quant = data.get("quantization", {})
     kinds = ", ".join(f"{fmt} {v.get('linear')}" for fmt, v in sorted(quant.items()) if isinstance(v, dict) and "linear" in v)
+    delegation = quant.get("executorch_delegation", {})
+    if delegation:
+        shown = [m for m in ("target_step", "draft_step", f"draft_k{data.get('draft_tokens')}") if m in delegation]
+        outside = sum(len(v["matmuls_outside"]) for v in delegation.values())
+        parts_d = ", ".join(f"{m} {100 * delegation[m]['delegated_share']:.1f}%" for m in shown)
+        kinds += f"; ops in XNNPACK {parts_d}, matmuls outside {outside}"
     cal = data.get("draft_calibration", {})
     parts = [f"sizes {size}", f"weights {kinds}" if kinds else "", "; ".join(quality)]
     if cal:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-CORE = ["runtime.artifacts", "runtime.stats", "runtime.loop", "runtime.onnx_backend"]
+CORE = ["runtime.artifacts", "runtime.stats", "runtime.loop", "runtime.onnx_backend", "runtime.native_runner"]
 
 
 def _imported_after(module: str, blocked: list[str]) -> subprocess.CompletedProcess:

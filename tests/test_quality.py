@@ -54,6 +54,10 @@ def test_predicted_speedup_formula():
     # 2.5 tokens per round for 3 ms of verify + 2 x 0.5 ms of drafting, against 1 token per 2 ms
     assert predicted_speedup(2.5, costs, 2) == pytest.approx(2.5 * 2.0 / 4.0)
     assert predicted_speedup(2.5, {**costs, "draft_round2_ms": 0.2}, 2) == pytest.approx(2.5 * 2.0 / 3.2)
+    # a round cost alone is enough (make bench passes only the measured round)
+    assert predicted_speedup(2.5, {"decode_ms": 2.0, "verify3_ms": 3.0, "draft_round2_ms": 0.2}, 2) == pytest.approx(
+        2.5 * 2.0 / 3.2
+    )
 
 
 def test_calibration_counts_acceptance_per_position_and_picks_the_best_length():
