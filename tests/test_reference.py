@@ -96,7 +96,7 @@ def test_bad_inputs_are_refused(demo_pair):
         demo_pair.generate([], 4)
     with pytest.raises(UsageError, match="comma-separated integers"):
         parse_prompt_ids("1,two,3")
-    with pytest.raises(UsageError, match="unknown backend 'tflite'; known: executorch, onnx, torch"):
+    with pytest.raises(UsageError, match="unknown backend 'tflite'; known: executorch, native, onnx, torch"):
         generate(prompt_ids=[2, 5], backend="tflite")
     target_only = ReferencePair(demo_pair.target)
     with pytest.raises(ValueError, match="needs a drafter"):
