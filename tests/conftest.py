@@ -23,6 +23,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # the groups that lower ExecuTorch programs (minutes each) first, so that xdist hands them
+    # out before the short ones, which then fill the other worker's gaps
+    items.sort(key=lambda item: _heaviest_first(item.get_closest_marker("xdist_group").args[0]))
+
+
+HEAVY_GROUPS = ["tests.test_executorch", "q8-e4b", "shape-e4b", "shape-e4b-multimodal", "shape-e2b",
+                "tests.test_export_target"]
+
+
+def _heaviest_first(group: str) -> int:
+    return HEAVY_GROUPS.index(group) if group in HEAVY_GROUPS else len(HEAVY_GROUPS)
 
 
 @pytest.fixture(scope="session")
