@@ -20,7 +20,7 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test generate export parity bench results native demo-model random-pair clean
+.PHONY: help venv test generate export parity bench results native size-check demo-model random-pair clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
@@ -34,6 +34,8 @@ help:
 	@echo "make results [ADD=artifacts/parity/parity.json NAME=parity-demo]   keep a measurement, re-render README's table"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
 	@echo "make random-pair SHAPE=e4b|e2b|e4b-multimodal OUT=dir   a random-weight pair of the real proportions"
+	@echo "make size-check LAYERS=4,8 OUT=dir [SIZE_TARGETS=android,linux-x86_64] [MEMORY_LIMIT_GB=20]"
+	@echo "                          E4B widths at those depths: export memory/time, artifact and run-time sizes, -> 42 layers"
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +74,11 @@ native: $(STAMP)
 
 results: $(STAMP)
 	$(PY) -m runtime.results $(if $(ADD),--add $(ADD) --name $(NAME))
+
+LAYERS ?= 4,8
+size-check: $(STAMP)
+	$(PY) -m export.size_check --layers $(LAYERS) --out $(OUT) $(if $(SIZE_TARGETS),--targets $(SIZE_TARGETS)) \
+		$(if $(MEMORY_LIMIT_GB),--memory-limit-gb $(MEMORY_LIMIT_GB))
 
 random-pair: $(STAMP)
 	$(PY) -m export.random_pair --shape $(SHAPE) --out $(OUT)

@@ -66,7 +66,8 @@ def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: in
     from export.onnx_export import copy_tokenizer
 
     print(f"[export] {kind} artifacts for {checkpoint} -> {final} (cached for later runs)", flush=True)
-    target, drafter = load_pair(checkpoint, assistant)
+    # a quantized program's target is quantized as it is read (bounded memory)
+    target, drafter = load_pair(checkpoint, assistant, quantization=extra.get("quantization"))
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=CACHE_ROOT))
     try:

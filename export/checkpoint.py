@@ -159,6 +159,12 @@ class SafetensorsCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
 
+    def rows(self, key: str):
+        """`read(a, b)`: rows a..b-1 of a tensor, in its stored dtype, read from the memory
+        map without loading the rest (how large tables are quantized in bounded memory)."""
+        view = self._open(self.key_file[key]).get_slice(key)
+        return lambda a, b: view[a:b]
+
 
 # ---------------------------------------------------------------------------- key mapping
 
@@ -222,7 +228,9 @@ def _expected_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assign(module, ckpt: SafetensorsCheckpoint, mapping: dict[str, str], dtype: torch.dtype, what: str):
+def _assign(
+    module, ckpt: SafetensorsCheckpoint, mapping: dict[str, str], dtype: torch.dtype, what: str, quantization=None
+):
     expected = _expected_tensors(module)
     by_name = {name: key for key, name in mapping.items()}
     unexpected = sorted(key for key, name in mapping.items() if name not in expected)
@@ -244,11 +252,60 @@ def _assign(module, ckpt: SafetensorsCheckpoint, mapping: dict[str, str], dtype:
     if problems:
         raise CheckpointError(f"{ckpt.path}: weights do not match the {what} config:\n  - " + "\n  - ".join(problems))
 
-    state = {}
-    for name, param in expected.items():
-        t = ckpt.get(by_name[name])
-        state[name] = t if not t.is_floating_point() else t.to(dtype)
-    module.load_state_dict(state, strict=False, assign=True)
+    if quantization is None:
+        state = {name: _read(ckpt, by_name[name], dtype) for name in expected}
+        module.load_state_dict(state, strict=False, assign=True)
+    else:
+        _assign_quantized(module, ckpt, by_name, expected, quantization)
+
+
+def _read(ckpt: SafetensorsCheckpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
+    t = ckpt.get(key)
+    return t if not t.is_floating_point() else t.to(dtype)
+
+
+def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expected: dict, quantization: dict) -> None:
+    """Read the target in bounded memory, quantizing as it reads (the ExecuTorch recipe of
+    export/quantize.py): one decoder layer at a time in fp32, quantized before the next is
+    read; the token and PLE tables quantized (int8 or int4 rows) chunk by chunk straight from
+    the memory map; the tied LM head given its own copy (read once more) and quantized as a
+    linear. Peak: the quantized model plus one layer (or one table chunk, or the LM head) in
+    fp32, instead of the whole model in fp32."""
+    from export.quantize import TABLES, LinearRecipe
+
+    recipe = LinearRecipe(quantization["linear"], quantization["group_size"], quantization.get("keep_8bit", ()))
+    tables = {}
+    table_cls = TABLES.get(quantization.get("embedding"))
+    if table_cls is not None:
+        tables = {
+            name: name.rsplit(".", 1)[0]
+            for name in expected
+            if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), torch.nn.Embedding)
+        }
+    for name, path in tables.items():
+        parent, _, attr = path.rpartition(".")
+        old = model.get_submodule(path)
+        scale = getattr(old, "scalar_embed_scale", None)
+        setattr(model.get_submodule(parent), attr, table_cls.from_rows(ckpt.rows(by_name[name]), old.num_embeddings, scale))
+    units: dict[str, list[str]] = {}
+    for name in expected:
+        if name not in tables:
+            parts = name.split(".")
+            unit = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ""
+            units.setdefault(unit, []).append(name)
+    for unit in sorted(units, key=lambda u: (u == "", int(u.split(".")[2]) if u else 0)):
+        root = model.get_submodule(unit) if unit else model
+        cut = len(unit) + 1 if unit else 0
+        root.load_state_dict(
+            {name[cut:]: _read(ckpt, by_name[name], torch.float32) for name in units[unit]}, strict=False, assign=True
+        )
+        if unit:
+            recipe.quantize(root, unit)
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.weight.is_meta:  # tied to the token table: its own copy
+        head.weight = torch.nn.Parameter(_read(ckpt, by_name["model.embed_tokens.weight"], torch.float32), False)
+    recipe.quantize(model)
+    recipe.check()
 
 
 def _materialize_non_persistent(model) -> None:
@@ -272,8 +329,22 @@ def _build(cls, config):
         return cls(config)
 
 
-def load_target(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A `Gemma4ForCausalLM` (text decoder only) from a gemma4 or gemma4_text directory."""
+def _check_tied_head(ckpt: SafetensorsCheckpoint, embed_key: str, where: Path) -> None:
+    """A stored lm_head.weight must equal the token table (compared by row chunks)."""
+    if ckpt.shape("lm_head.weight") != ckpt.shape(embed_key):
+        raise CheckpointError(f"{where}: lm_head.weight has another shape than embed_tokens; untied heads are not supported")
+    head, table = ckpt.rows("lm_head.weight"), ckpt.rows(embed_key)
+    rows = ckpt.shape(embed_key)[0]
+    for a in range(0, rows, 8192):
+        if not torch.equal(head(a, a + 8192), table(a, a + 8192)):
+            raise CheckpointError(f"{where}: lm_head.weight differs from embed_tokens; untied heads are not supported")
+
+
+def load_target(path: str | Path, dtype: torch.dtype = torch.float32, quantization: dict | None = None):
+    """A `Gemma4ForCausalLM` (text decoder only) from a gemma4 or gemma4_text directory.
+    quantization: the ExecuTorch recipe (export/quantize.py: linear, group_size, embedding,
+    keep_8bit) applied while reading, in bounded memory; the LM head is then untied from the
+    token table (each quantized in its own scheme) and the module serves export only."""
     from transformers import Gemma4ForCausalLM
 
     info = read_config(path)
@@ -282,12 +353,11 @@ def load_target(path: str | Path, dtype: torch.dtype = torch.float32):
     ckpt = SafetensorsCheckpoint(info.path)
     mapping, _ = map_target_keys(ckpt.keys(), info.model_type, info.spec)
     model = _build(Gemma4ForCausalLM, info.hf_config)
-    _assign(model, ckpt, mapping, dtype, "target")
-    model.tie_weights()
     if "lm_head.weight" in ckpt.key_file:
-        head = ckpt.get("lm_head.weight").to(dtype)
-        if head.shape != model.lm_head.weight.shape or not torch.equal(head, model.lm_head.weight.data):
-            raise CheckpointError(f"{info.path}: lm_head.weight differs from embed_tokens; untied heads are not supported")
+        _check_tied_head(ckpt, next(k for k, n in mapping.items() if n == "model.embed_tokens.weight"), info.path)
+    _assign(model, ckpt, mapping, dtype, "target", quantization)
+    if quantization is None:
+        model.tie_weights()
     _materialize_non_persistent(model)
     _load_generation_config(model, info.path)
     return model.eval().requires_grad_(False)
@@ -376,8 +446,26 @@ def _rope_key(params: dict | None):
     )
 
 
-def load_pair(target_dir: str | Path, drafter_dir: str | Path | None, dtype: torch.dtype = torch.float32):
-    """Target and (optionally) drafter, checked against each other before any weight is read."""
+def parameter_count(path: str | Path) -> int:
+    """Parameters of the module a checkpoint directory builds (from its config alone: built on
+    the meta device, nothing read), tied tensors once."""
+    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+    info = read_config(path)
+    cls = Gemma4ForCausalLM if isinstance(info.spec, TargetSpec) else Gemma4AssistantForCausalLM
+    return sum(t.numel() for t in _expected_tensors(_build(cls, info.hf_config)).values())
+
+
+def load_pair(
+    target_dir: str | Path,
+    drafter_dir: str | Path | None,
+    dtype: torch.dtype = torch.float32,
+    quantization: dict | None = None,
+):
+    """Target and (optionally) drafter, checked against each other before any weight is read.
+    quantization: the target is quantized as it is read (see `load_target`); the drafter
+    (78.5M parameters at E4B's size) is read in fp32 and quantized with the rest of the
+    program."""
     t_info = read_config(target_dir)
     if not isinstance(t_info.spec, TargetSpec):
         raise CheckpointError(f"{target_dir}: expected a Gemma 4 target, found {t_info.model_type}")
@@ -391,6 +479,6 @@ def load_pair(target_dir: str | Path, drafter_dir: str | Path | None, dtype: tor
             t_info.hf_config.rope_parameters,
             d_info.hf_config.get_text_config().rope_parameters,
         )
-    target = load_target(target_dir, dtype)
+    target = load_target(target_dir, dtype, quantization)
     drafter = load_drafter(drafter_dir, dtype) if drafter_dir is not None else None
     return target, drafter

@@ -123,6 +123,19 @@ class _SharedKV(_Forward):
         return tuple(c.clone() for c in self.pair.shared_caches())
 
 
+def _memory() -> str:
+    """Resident memory now and at peak, for the progress lines of long lowerings."""
+    import resource
+
+    now = 0
+    try:
+        now = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+    except (OSError, StopIteration):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return f"resident {now / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
+
+
 MATMUL_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.linear", "aten.matmul", "aten.convolution")
 
 
@@ -244,7 +257,7 @@ def export_executorch(
             else:
                 method = _DraftStep(pair) if name == "draft_step" else _DraftRound(pair, int(name[len("draft_k") :]))
                 programs[name] = torch.export.export(method, (ids[:, :1], state, pos))
-            print(f"[executorch] exported {name} ({time.time() - t0:.1f}s)", flush=True)
+            print(f"[executorch] exported {name} ({time.time() - t0:.1f}s; {_memory()})", flush=True)
         programs["reset_caches"] = torch.export.export(_ResetCaches(pair), ())
         programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
     eos = list(eos_ids(target.generation_config.eos_token_id))
@@ -267,7 +280,7 @@ def export_executorch(
         constant_methods=metadata,
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
     )
-    print(f"[executorch] lowered to {backend} ({time.time() - t0:.1f}s)", flush=True)
+    print(f"[executorch] lowered to {backend} ({time.time() - t0:.1f}s; {_memory()})", flush=True)
     shares = {}
     for name in programs:
         share = shares[name] = delegated_share(edge.exported_program(name))
@@ -280,7 +293,9 @@ def export_executorch(
     prog = edge.to_executorch(
         ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
     )
-    Path(path).write_bytes(prog.buffer)
+    with open(path, "wb") as f:  # streamed from the serialized pieces: no whole-file copy in memory
+        prog.write_to_file(f)
+    print(f"[executorch] wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB; {_memory()})", flush=True)
     io = {name: method_io(p) for name, p in programs.items()}
     return {
         "methods": sorted(programs),

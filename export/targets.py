@@ -15,7 +15,7 @@ from pathlib import Path
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 PTE_LINEAR = ("fp32", "8da4w")
-PTE_EMBEDDING = ("fp32", "int8")
+PTE_EMBEDDING = ("fp32", "int8", "int4")
 ONNX_LINEAR = ("fp32", "int4")
 
 
@@ -31,10 +31,23 @@ class ExecuTorchSpec:
     embedding: str = "fp32"
     coreml: bool = False
     keep_8bit: tuple[str, ...] = ()  # module-path substrings of linears kept at 8-bit weights
+    # models at least this wide (hidden size) use the wide_* settings instead, where given
+    wide_from_hidden: int | None = None
+    wide_embedding: str | None = None
+    wide_keep_8bit: tuple[str, ...] | None = None
 
     @property
     def quantized(self) -> bool:
         return self.linear != "fp32" or self.embedding != "fp32"
+
+    def recipe(self, hidden_size: int) -> dict | None:
+        """The quantization of export/quantize.py for a model of this hidden size (None: fp32)."""
+        if not self.quantized:
+            return None
+        wide = self.wide_from_hidden is not None and hidden_size >= self.wide_from_hidden
+        embedding = self.wide_embedding if wide and self.wide_embedding else self.embedding
+        keep = self.wide_keep_8bit if wide and self.wide_keep_8bit is not None else self.keep_8bit
+        return {"linear": self.linear, "group_size": self.group_size, "embedding": embedding, "keep_8bit": list(keep)}
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,8 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
         _choice(et.delegate, ("xnnpack",), f"{where} [executorch] delegate")
         _choice(et.linear, PTE_LINEAR, f"{where} [executorch] linear")
         _choice(et.embedding, PTE_EMBEDDING, f"{where} [executorch] embedding")
+        if et.wide_embedding is not None:
+            _choice(et.wide_embedding, PTE_EMBEDDING, f"{where} [executorch] wide_embedding")
         if et.group_size <= 0 or et.group_size % 2:
             raise TargetError(f"{where} [executorch] group_size must be a positive even number")
     if ox is not None:

@@ -72,6 +72,29 @@ def test_sharded_checkpoint_with_index(random_pair_dir, tmp_path):
         assert torch.equal(ours(IDS).logits, model.eval()(IDS).logits)
 
 
+@pytest.mark.parametrize("embedding", ["int8", "int4"])
+def test_quantizing_as_read_equals_quantizing_the_loaded_model(random_pair_dir, embedding):
+    """The bounded-memory reader (one layer at a time, tables by row chunks) gives exactly
+    the model that loading in fp32 and quantizing afterwards gives."""
+    from export.quantize import count_quantized, quantize_for_executorch
+
+    q = {"linear": "8da4w", "group_size": 32, "embedding": embedding, "keep_8bit": ["self_attn"]}
+    streamed = load_target(random_pair_dir / "target", quantization=q)
+    after = load_target(random_pair_dir / "target")
+    report = quantize_for_executorch([after], **q)
+    assert count_quantized([streamed]) == {k: report[k] for k in ("linears_int4", "linears_int8", "embeddings")}
+    assert report["linears_int8"] > 0 and report["linears_int4"] > 0 and report["embeddings"] == 2
+    assert streamed.lm_head.weight is not None and not streamed.lm_head.weight.is_meta
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, after(IDS).logits)
+
+
+def test_quantizing_as_read_refuses_a_keep_8bit_pattern_that_matches_nothing(random_pair_dir):
+    q = {"linear": "8da4w", "group_size": 32, "embedding": "int8", "keep_8bit": ["self_atn"]}
+    with pytest.raises(ValueError, match="self_atn"):
+        load_target(random_pair_dir / "target", quantization=q)
+
+
 def test_missing_tensor_is_named(pair_copy):
     _edit_weights(pair_copy / "target", lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.3.mlp.up_proj.weight"):

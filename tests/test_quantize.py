@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -12,7 +13,7 @@ def test_int8_table_error_is_within_half_a_step_per_row():
     torch.manual_seed(0)
     table = nn.Embedding(64, 16)
     table.weight.data[3] *= 50  # rows of very different scale each get their own step
-    q = Int8Table(table)
+    q = Int8Table.of(table)
     ids = torch.arange(64)
     err = (q(ids) - table(ids)).abs()
     step = table.weight.abs().amax(dim=1, keepdim=True) / 127
@@ -53,3 +54,74 @@ def test_keep_8bit_pattern_that_matches_nothing_is_refused():
     model = nn.ModuleDict({"head": nn.Linear(32, 32, bias=False)})
     with pytest.raises(ValueError, match=r"keep_8bit pattern\(s\) \['lm_haed'\] match no linear"):
         quantize_for_executorch([model], "8da4w", 32, "fp32", keep_8bit=["head", "lm_haed"])
+
+
+def test_int4_table_error_is_within_half_a_step_per_group():
+    from export.quantize import Int4Table
+
+    torch.manual_seed(0)
+    table = nn.Embedding(64, 256)
+    table.weight.data[3, :128] *= 50  # groups of very different scale each get their own step
+    q = Int4Table.of(table, group=128)
+    ids = torch.arange(64)[None]
+    err = (q(ids) - table(ids)).abs().reshape(64, 2, 128)
+    step = table.weight.reshape(64, 2, 128).abs().amax(dim=2, keepdim=True) / 7
+    # half a step, plus the fp16 rounding of the scale (relative 2**-11, times at most 8 steps)
+    assert bool((err <= step / 2 + 8 * step * 2**-11 + 1e-7).all())
+    assert q.packed.dtype == torch.int8 and q.packed.numel() == 64 * 128  # two values per byte
+    assert (err[3, 0].max() > err[3, 1].max())  # the scaled group has the coarser step
+
+
+def test_int4_table_runs_the_same_in_executorch():
+    """The unpacking (gather, remainder, floor division, stack) on ExecuTorch's portable
+    kernels gives the eager values: the same fp32 ops on the same integers."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from export.quantize import Int4Table
+
+    torch.manual_seed(0)
+    table = nn.Embedding(300, 256)
+    q = Int4Table.of(table, group=128)
+    ids = torch.tensor([[0, 5, 299, 17, 5]])
+    prog = to_edge_transform_and_lower(torch.export.export(q, (ids,))).to_executorch()
+    out = Runtime.get().load_program(prog.buffer).load_method("forward").execute([ids])[0]
+    assert torch.equal(out, q(ids))
+
+
+def test_table_rows_are_read_in_chunks():
+    """from_rows with chunks smaller than the table gives the table of one whole read."""
+    from export.quantize import Int4Table
+
+    torch.manual_seed(0)
+    w = torch.randn(100, 256, dtype=torch.bfloat16)
+    reads = []
+
+    def read(a, b):
+        reads.append((a, b))
+        return w[a:b]
+
+    for cls in (Int8Table, Int4Table):
+        reads.clear()
+        chunked, whole = cls.from_rows(read, 100, chunk=32), cls.from_rows(lambda a, b: w[a:b], 100, chunk=1000)
+        assert reads == [(0, 32), (32, 64), (64, 96), (96, 100)]
+        assert all(torch.equal(x, y) for x, y in zip(chunked.buffers(), whole.buffers()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_large_linears_quantized_by_row_blocks_equal_one_piece(monkeypatch, bits):
+    """Row blocks (bounded memory for a 262144-row LM head) give the weights and outputs of
+    quantizing the whole matrix at once: every scale belongs to one row."""
+    import export.quantize as qz
+
+    torch.manual_seed(0)
+    whole, blocks = nn.Linear(64, 100, bias=False), nn.Linear(64, 100, bias=False)
+    blocks.weight.data.copy_(whole.weight.data)
+    keep = ["x"] if bits == 8 else []
+    qz.LinearRecipe("8da4w", 32, keep).quantize(nn.ModuleDict({"x": whole}))
+    monkeypatch.setattr(qz, "LINEAR_CHUNK_ROWS", 32)
+    qz.LinearRecipe("8da4w", 32, keep).quantize(nn.ModuleDict({"x": blocks}))
+    for name in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(whole.weight, name), getattr(blocks.weight, name)), name
+    x = torch.randn(3, 64)
+    assert torch.equal(whole(x), blocks(x))

@@ -38,3 +38,13 @@ def test_bad_target_files_are_refused(tmp_path, body, message):
     (tmp_path / "bad.toml").write_text(body)
     with pytest.raises(TargetError, match=message):
         load_target("bad", tmp_path)
+
+
+def test_wide_models_get_the_wide_recipe():
+    """android: the demo's 128-wide layers keep their 8-bit exceptions and int8 tables; real
+    widths (E4B 2560) quantize every linear to 4 bits and the tables to int4."""
+    et = load_target("android").executorch
+    narrow, wide = et.recipe(128), et.recipe(2560)
+    assert narrow == {"linear": "8da4w", "group_size": 32, "embedding": "int8", "keep_8bit": ["lm_head", "self_attn", "per_layer"]}
+    assert wide == {"linear": "8da4w", "group_size": 32, "embedding": "int4", "keep_8bit": []}
+    assert load_target("linux-x86_64").executorch.recipe(2560) is None  # fp32

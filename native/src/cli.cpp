@@ -1,14 +1,19 @@
 // gemma4-spec: the native runner's command line (make native; make generate BACKEND=native).
 //   gemma4-spec --pte pair.pte --prompt-ids 2,15,300 [--max-new-tokens 64] [--draft-tokens 0]
-//               [--ignore-eos] [--prefill-chunk 256] [--no-shared-arenas]
+//               [--ignore-eos] [--prefill-chunk 256] [--no-shared-arenas] [--memory]
 // Streams each new token id on its own line, then one JSON line of statistics (the fields of
-// `make generate JSON=1`'s stats). Exit 2 on bad input, 1 on a refused or failed run.
+// `make generate JSON=1`'s stats; with --memory, Linux only, also the process's peak and
+// current resident bytes and how many of them are pages of the memory-mapped program file).
+// Exit 2 on bad input, 1 on a refused or failed run.
 
 #include "gemma4_spec.h"
 
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -16,7 +21,7 @@ namespace {
 
 int usage(const char* msg) {
   std::fprintf(stderr, "error: %s\nusage: gemma4-spec --pte FILE --prompt-ids 1,2,3 [--max-new-tokens N] "
-                       "[--draft-tokens K] [--ignore-eos] [--prefill-chunk N] [--no-shared-arenas]\n", msg);
+                       "[--draft-tokens K] [--ignore-eos] [--prefill-chunk N] [--no-shared-arenas] [--memory]\n", msg);
   return 2;
 }
 
@@ -32,13 +37,50 @@ int print_token(int64_t token, void*) {
   return 0;
 }
 
+// kB fields of /proc/self/status, in bytes (-1 where absent: not Linux)
+long long status_bytes(const char* field) {
+  std::ifstream f("/proc/self/status");
+  std::string line, key = std::string(field) + ":";
+  while (std::getline(f, line)) {
+    if (line.compare(0, key.size(), key) == 0) return std::atoll(line.c_str() + key.size()) * 1024;
+  }
+  return -1;
+}
+
+// resident bytes of the mappings of `file` (the program: its portable-kernel constants, such
+// as the token and PLE tables, are read from the map and only touched rows become resident)
+long long mapped_rss_bytes(const std::string& file) {
+  char real[PATH_MAX];
+  if (!realpath(file.c_str(), real)) return -1;
+  std::ifstream f("/proc/self/smaps");
+  if (!f) return -1;
+  std::string line;
+  bool inside = false;
+  long long total = 0;
+  while (std::getline(f, line)) {
+    std::istringstream words(line);
+    std::string first;
+    words >> first;
+    if (!first.empty() && first.back() != ':') {  // a mapping header: range perms offset dev inode [path]
+      std::string perms, offset, dev, inode, path;
+      words >> perms >> offset >> dev >> inode >> path;
+      inside = path == real;
+    } else if (inside && first == "Rss:") {
+      long long kb = 0;
+      words >> kb;
+      total += kb * 1024;
+    }
+  }
+  return total;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string pte;
   std::vector<int64_t> prompt;
   long long max_new = 64, draft = 0, chunk = 0;
-  bool ignore_eos = false, share = true;
+  bool ignore_eos = false, share = true, memory = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* name) -> const char* {
@@ -67,6 +109,8 @@ int main(int argc, char** argv) {
       if (!parse_int(value(a.c_str()), chunk) || chunk < 1) return usage("--prefill-chunk must be a positive integer");
     } else if (a == "--ignore-eos") {
       ignore_eos = true;
+    } else if (a == "--memory") {
+      memory = true;
     } else if (a == "--no-shared-arenas") {
       share = false;  // how ExecuTorch's Android and iOS bindings create a Module (for the refusal test)
     } else {
@@ -85,6 +129,14 @@ int main(int argc, char** argv) {
   gemma4_spec_stats st{};
   int rc = gemma4_spec_generate(r, prompt.data(), prompt.size(), static_cast<int>(max_new), static_cast<int>(draft),
                                 ignore_eos ? 1 : 0, print_token, nullptr, &st, err, sizeof err);
+  std::string mem;
+  if (memory) {  // measured with the program still loaded
+    std::ostringstream m;
+    m << ", \"peak_rss_bytes\": " << status_bytes("VmHWM") << ", \"rss_bytes\": " << status_bytes("VmRSS")
+      << ", \"rss_anon_bytes\": " << status_bytes("RssAnon") << ", \"locked_bytes\": " << status_bytes("VmLck")
+      << ", \"program_mapped_rss_bytes\": " << mapped_rss_bytes(pte);
+    mem = m.str();
+  }
   gemma4_spec_close(r);
   if (rc != 0) {
     std::fprintf(stderr, "error: %s\n", err);
@@ -94,8 +146,9 @@ int main(int argc, char** argv) {
   const double mal = verify ? static_cast<double>(st.new_tokens - 1) / verify : st.new_tokens;
   std::printf(
       "{\"new_tokens\": %d, \"target_passes\": %d, \"drafted\": %d, \"accepted\": %d, \"seconds\": %.4f, "
-      "\"verify_passes\": %d, \"mean_accepted_length\": %.4f, \"acceptance_rate\": %.4f, \"tokens_per_second\": %.2f}\n",
+      "\"verify_passes\": %d, \"mean_accepted_length\": %.4f, \"acceptance_rate\": %.4f, \"tokens_per_second\": %.2f%s}\n",
       st.new_tokens, st.target_passes, st.drafted, st.accepted, st.seconds, verify, mal,
-      st.drafted ? static_cast<double>(st.accepted) / st.drafted : 0.0, st.seconds > 0 ? st.new_tokens / st.seconds : 0.0);
+      st.drafted ? static_cast<double>(st.accepted) / st.drafted : 0.0, st.seconds > 0 ? st.new_tokens / st.seconds : 0.0,
+      mem.c_str());
   return 0;
 }

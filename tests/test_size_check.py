@@ -1,0 +1,69 @@
+"""make size-check: the E4B config at any depth, the stage measurement and its memory guard,
+the extrapolation, and the sharded random checkpoint it writes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from export.config import FULL, SLIDING, preset
+from export.size_check import E4B_LAYERS, e4b_config_at, extrapolate, measure
+
+
+@pytest.mark.parametrize("layers", [4, 5, 6, 8, 12, 42])
+def test_every_depth_has_both_layer_types_among_owners_and_sharers(layers):
+    spec = e4b_config_at(layers)
+    a = spec.attention
+    owners, shared = a.layer_types[: a.first_shared_layer], a.layer_types[a.first_shared_layer :]
+    assert {SLIDING, FULL} <= set(owners) and shared and a.layer_types[-1] == FULL
+    assert set(a.kv_producers()) == {SLIDING, FULL}  # the drafter reads both
+    assert (spec.hidden_size, spec.vocab_size, spec.ple_dim) == (2560, 262_144, 256)
+
+
+def test_42_layers_is_e4b_itself():
+    assert e4b_config_at(E4B_LAYERS) == preset("e4b").target
+
+
+def test_fewer_than_4_layers_is_refused():
+    with pytest.raises(ValueError, match="at least 4"):
+        e4b_config_at(3)
+
+
+def test_extrapolation_recovers_a_linear_law():
+    depths = [
+        {"layers": n, "checkpoint_bytes": 1000 + 70 * n, "fp32_pair_bytes": 5, "stages": {}, "artifact_bytes": {},
+         "run": {}}
+        for n in (4, 6, 8)
+    ]
+    fit = extrapolate(depths)["checkpoint_bytes"]
+    assert fit["per_layer"] == 70.0 and fit["at_42_layers"] == 1000 + 70 * 42
+    assert "fp32_pair_bytes" in extrapolate(depths)  # a constant is a flat line
+    assert extrapolate(depths[:1]) == {}  # one depth gives no slope
+
+
+def test_measure_reports_peak_memory_and_stops_a_stage_past_the_limit(tmp_path):
+    grow = "import time; x = bytearray(%d); x[::4096] = b'1' * len(x[::4096]); time.sleep(1)"
+    ok = measure([sys.executable, "-c", grow % (200 << 20)], tmp_path / "ok.log", 2 << 30)
+    assert ok["exit_status"] == 0 and ok["stopped"] is None and ok["peak_rss_bytes"] >= 200 << 20
+    big = measure([sys.executable, "-c", grow % (600 << 20)], tmp_path / "big.log", 300 << 20)
+    assert big["exit_status"] != 0 and "limit" in big["stopped"]
+
+
+def test_random_checkpoint_is_sharded_bf16_and_loads(tmp_path, monkeypatch):
+    """The writer at a small width (same code path as E4B's): shards under the byte bound,
+    an index, bf16 tensors, and the strict reader accepts the pair."""
+    import export.size_check as sc
+    from export.checkpoint import SafetensorsCheckpoint, load_pair
+    from export.random_pair import shape
+
+    small = shape("e4b")
+    monkeypatch.setattr(sc, "e4b_config_at", lambda n: small.target)
+    monkeypatch.setattr(sc, "SHARD_BYTES", 200_000)
+    target_dir, drafter_dir = sc.write_checkpoint(12, tmp_path, drafter=small.drafter)
+    ckpt = SafetensorsCheckpoint(target_dir)
+    assert len(ckpt.files) > 2 and (target_dir / "model.safetensors.index.json").is_file()
+    assert {ckpt.get(k).dtype for k in ckpt.keys()} == {torch.bfloat16}
+    target, drafter = load_pair(target_dir, drafter_dir)
+    assert target.config.num_hidden_layers == small.target.attention.num_layers
