@@ -236,9 +236,9 @@ def check_memory(checkpoint: Path, assistant: Path) -> None:
     if have and need > have:
         raise ExportError(
             f"this export holds the pair in fp32 for its reference check, ONNX graphs and quality gates: about "
-            f"{need / 2**30:.1f} GiB, and this machine has {have / 2**30:.1f} GiB available. Export on a machine with "
-            "more memory; `make size-check` measures the bounded-memory ExecuTorch export of E4B-sized models "
-            "(the full-size `make export` path is issue 13's open work)"
+            f"{need / 2**30:.2f} GiB, and this machine has {have / 2**30:.2f} GiB available. Export on a machine with "
+            "more memory. The ExecuTorch program alone is read and quantized in bounded memory: `make size-check` "
+            "measures it for E4B-sized models (a bounded-memory path for the fp32 steps is not built yet)"
         )
 
 

@@ -19,6 +19,7 @@ Steps:
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class SafetensorsCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handles: dict = {}
+        self._headers: dict = {}
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
@@ -146,24 +148,62 @@ class SafetensorsCheckpoint:
         return sorted(self.key_file)
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        name = self.key_file[key]
-        try:
-            return self._open(name).get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{self.path / name}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt"
-            ) from None
+        return self._read(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
+        return self._entry(key)[3]
 
     def rows(self, key: str):
-        """`read(a, b)`: rows a..b-1 of a tensor, in its stored dtype, read from the memory
-        map without loading the rest (how large tables are quantized in bounded memory)."""
-        view = self._open(self.key_file[key]).get_slice(key)
-        return lambda a, b: view[a:b]
+        """`read(a, b)`: rows a..b-1 of a tensor in its stored dtype, without reading the rest
+        (how large tables are quantized in bounded memory)."""
+        return lambda a, b: self._read(key, a, b)
+
+    def _entry(self, key: str):
+        """(file, first byte, dtype, shape, bytes) of a tensor, from its file's header."""
+        name = self.key_file[key]
+        file = self.path / name
+        if name not in self._headers:
+            self._open(name)  # validated by safetensors first: its errors name the problem
+            with open(file, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                self._headers[name] = (8 + size, json.loads(f.read(size)))
+        base, header = self._headers[name]
+        e = header[key]
+        a, b = e["data_offsets"]
+        return file, base + a, e["dtype"], tuple(e["shape"]), b - a
+
+    def _read(self, key: str, a: int | None = None, b: int | None = None) -> torch.Tensor:
+        """Plain reads into memory this process owns (not a memory map: pages of a mapped
+        15 GB checkpoint would count as resident memory of the export until the kernel
+        reclaims them, and hide what the export itself holds)."""
+        file, start, dtype, shape, nbytes = self._entry(key)
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}, which this reader does not know")
+        if not shape:
+            a, b, row, out_shape = 0, 1, nbytes, ()
+        else:
+            a, b = (0, shape[0]) if a is None else (a, min(b, shape[0]))
+            row = nbytes // shape[0] if shape[0] else 0
+            out_shape = (b - a, *shape[1:])
+        count = (b - a) * row
+        if count <= 0:
+            return torch.empty(out_shape, dtype=_DTYPES[dtype])
+        buf = bytearray(count)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start + a * row)
+            got = f.readinto(buf)
+        if got != count:
+            raise CheckpointError(
+                f"{file}: cannot read tensor {key!r} (file ends early); the file may be truncated or corrupt"
+            )
+        return torch.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(out_shape)
+
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 # ---------------------------------------------------------------------------- key mapping
@@ -268,9 +308,9 @@ def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expecte
     """Read the target in bounded memory, quantizing as it reads (the ExecuTorch recipe of
     export/quantize.py): one decoder layer at a time in fp32, quantized before the next is
     read; the token and PLE tables quantized (int8 or int4 rows) chunk by chunk straight from
-    the memory map; the tied LM head given its own copy (read once more) and quantized as a
-    linear. Peak: the quantized model plus one layer (or one table chunk, or the LM head) in
-    fp32, instead of the whole model in fp32."""
+    the memory map; the tied LM head given its own copy, read again by blocks of rows and
+    quantized as a linear. Peak: the quantized model plus one layer (or one block of table or
+    head rows) in fp32, instead of the whole model in fp32."""
     from export.quantize import TABLES, LinearRecipe
 
     recipe = LinearRecipe(quantization["linear"], quantization["group_size"], quantization.get("keep_8bit", ()))
@@ -302,8 +342,8 @@ def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expecte
         if unit:
             recipe.quantize(root, unit)
     head = getattr(model, "lm_head", None)
-    if head is not None and head.weight.is_meta:  # tied to the token table: its own copy
-        head.weight = torch.nn.Parameter(_read(ckpt, by_name["model.embed_tokens.weight"], torch.float32), False)
+    if head is not None and head.weight.is_meta:  # tied to the token table: its own copy, read by row blocks
+        recipe.quantize_from_rows(head, "lm_head", ckpt.rows(by_name["model.embed_tokens.weight"]))
     recipe.quantize(model)
     recipe.check()
 

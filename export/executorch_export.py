@@ -273,6 +273,7 @@ def export_executorch(
         "get_bos_id": spec.bos_token_id,
         "get_eos_ids": eos,
     }
+    io = {name: method_io(p) for name, p in programs.items()}
     t0 = time.time()
     edge = to_edge_transform_and_lower(
         programs,
@@ -290,15 +291,17 @@ def export_executorch(
             f"matmuls outside: {len(share['matmuls_outside'])})",
             flush=True,
         )
+    names = list(programs)
+    del programs  # the lowered programs hold what is still needed
     prog = edge.to_executorch(
         ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
     )
+    del edge
     with open(path, "wb") as f:  # streamed from the serialized pieces: no whole-file copy in memory
         prog.write_to_file(f)
     print(f"[executorch] wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB; {_memory()})", flush=True)
-    io = {name: method_io(p) for name, p in programs.items()}
     return {
-        "methods": sorted(programs),
+        "methods": sorted(names),
         "metadata": metadata,
         "delegation": shares,
         "io": io,

@@ -21,6 +21,8 @@ HQQ scale search (as ExecuTorch's own LLM recipes do).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -100,8 +102,9 @@ class Int4Table(nn.Module):
             b = min(a + chunk, num_rows)
             w = read(a, b).detach().float()
             dim = w.shape[1]
-            if dim % group:
-                raise ValueError(f"table width {dim} is not a multiple of the int4 group {group}")
+            if dim % 2:
+                raise ValueError(f"table width {dim} is odd: int4 rows pack two values per byte")
+            group = math.gcd(dim, group)  # narrow tables (the demo drafter's 64) get one scale per row
             if packed is None:
                 packed = torch.empty((num_rows, dim // 2), dtype=torch.int8)
                 scale = torch.empty((num_rows, dim // group), dtype=torch.float16)
@@ -165,6 +168,18 @@ class LinearRecipe:
         self.matched |= hits
         return 8 if hits or m.in_features % self.group_size else 4
 
+    def _configs(self) -> dict:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        return {
+            4: Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=PerGroup(self.group_size),
+                intx_choose_qparams_algorithm="hqq_scale_only",
+            ),
+            8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+        }
+
     def quantize(self, root: nn.Module, prefix: str = "") -> None:
         """Quantize every plain nn.Linear under `root` in place (`prefix`: root's own path,
         so `keep_8bit` patterns see full paths such as 'model.layers.3.self_attn.q_proj')."""
@@ -173,21 +188,25 @@ class LinearRecipe:
                 if isinstance(m, nn.Linear):
                     self.bits(fqn, m)  # only to record which keep_8bit patterns matched
             return
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
+        from torchao.quantization import quantize_
 
-        configs = {
-            4: Int8DynamicActivationIntxWeightConfig(
-                weight_dtype=torch.int4, weight_granularity=PerGroup(self.group_size),
-                intx_choose_qparams_algorithm="hqq_scale_only",
-            ),
-            8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-        }
+        configs = self._configs()
         for fqn, m in list(root.named_modules(prefix=prefix.rstrip("."))):
             if isinstance(m, nn.Linear):
                 bits = self.bits(fqn, m)  # also records the keep_8bit patterns seen
                 if not is_quantized(m):
                     _quantize_by_rows(m, configs[bits], quantize_)
+
+    def quantize_from_rows(self, m: nn.Linear, fqn: str, read) -> None:
+        """Quantize a linear whose weight is still unread (on the meta device) from `read(a, b)`,
+        a block of output rows at a time: the tied LM head from the checkpoint's token table."""
+        bits = self.bits(fqn, m)
+        if self.linear == "fp32":
+            m.weight = nn.Parameter(read(0, m.out_features).float(), requires_grad=False)
+            return
+        from torchao.quantization import quantize_
+
+        _quantize_by_rows(m, self._configs()[bits], quantize_, read)
 
     def check(self) -> None:
         check_keep_8bit(self.keep_8bit, self.matched)
@@ -196,21 +215,24 @@ class LinearRecipe:
 LINEAR_CHUNK_ROWS = 16384  # output rows quantized at a time (the LM head: 262144 rows at E4B's size)
 
 
-def _quantize_by_rows(m: nn.Linear, config, quantize_) -> None:
+def _quantize_by_rows(m: nn.Linear, config, quantize_, read=None) -> None:
     """Quantize a linear's weight in blocks of output rows and join the blocks. Every scale
     belongs to one row (groups along the input dim, or one per output channel), so the
     result equals quantizing the whole weight at once, without the scale search's fp32
-    temporaries of the whole matrix (several GB for E4B's LM head)."""
+    temporaries of the whole matrix (several GB for E4B's LM head). `read(a, b)`: rows of
+    the weight from elsewhere (the checkpoint's memory map), so it is never whole in fp32."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    rows = m.weight.shape[0]
-    if rows <= LINEAR_CHUNK_ROWS:
-        quantize_(m, config)
-        return
+    rows = m.out_features
+    if read is None:
+        if rows <= LINEAR_CHUNK_ROWS:
+            quantize_(m, config)
+            return
+        read = lambda a, b: m.weight.detach()[a:b]  # noqa: E731
     parts = []
     for a in range(0, rows, LINEAR_CHUNK_ROWS):
         piece = nn.Linear(m.in_features, min(LINEAR_CHUNK_ROWS, rows - a), bias=False)
-        piece.weight = nn.Parameter(m.weight.detach()[a : a + LINEAR_CHUNK_ROWS], requires_grad=False)
+        piece.weight = nn.Parameter(read(a, a + LINEAR_CHUNK_ROWS).float(), requires_grad=False)
         quantize_(piece, config)
         parts.append(piece.weight)
     first = parts[0]

@@ -67,3 +67,27 @@ def test_random_checkpoint_is_sharded_bf16_and_loads(tmp_path, monkeypatch):
     assert {ckpt.get(k).dtype for k in ckpt.keys()} == {torch.bfloat16}
     target, drafter = load_pair(target_dir, drafter_dir)
     assert target.config.num_hidden_layers == small.target.attention.num_layers
+
+
+def test_fp32_weight_bytes_count_tied_tensors_once():
+    from torch import nn
+
+    from export.build import fp32_weight_bytes
+
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    assert fp32_weight_bytes(nn.ModuleList([emb, head]), nn.Linear(4, 2, bias=False)) == 4 * (40 + 8)
+
+
+def test_an_export_that_cannot_fit_is_refused_before_reading(monkeypatch):
+    """The fp32 steps of `make export` need about 2 x 4 bytes per parameter; with less memory
+    available the export stops at once, saying what it needs and what there is."""
+    import export.build as build
+    from tests.conftest import REPO
+
+    demo = REPO / "export" / "demo" / "weights"
+    build.check_memory(demo / "target", demo / "assistant")  # fits
+    monkeypatch.setattr(build, "available_memory", lambda: 10 << 20)
+    with pytest.raises(build.ExportError, match=r"about 0\.0\d GiB.*0\.01 GiB available"):
+        build.check_memory(demo / "target", demo / "assistant")
