@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,7 +309,7 @@ def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expecte
     """Read the target in bounded memory, quantizing as it reads (the ExecuTorch recipe of
     export/quantize.py): one decoder layer at a time in fp32, quantized before the next is
     read; the token and PLE tables quantized (int8 or int4 rows) chunk by chunk straight from
-    the memory map; the tied LM head given its own copy, read again by blocks of rows and
+    the checkpoint file; the tied LM head given its own copy, read again by blocks of rows and
     quantized as a linear. Peak: the quantized model plus one layer (or one block of table or
     head rows) in fp32, instead of the whole model in fp32."""
     from export.quantize import TABLES, LinearRecipe
@@ -322,11 +323,17 @@ def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expecte
             for name in expected
             if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), torch.nn.Embedding)
         }
+    t0 = time.time()
+
+    def progress(what: str) -> None:  # minutes at E4B's size: say where the reading is
+        print(f"[read] {what} quantized ({time.time() - t0:.0f}s)", flush=True)
+
     for name, path in tables.items():
         parent, _, attr = path.rpartition(".")
         old = model.get_submodule(path)
         scale = getattr(old, "scalar_embed_scale", None)
         setattr(model.get_submodule(parent), attr, table_cls.from_rows(ckpt.rows(by_name[name]), old.num_embeddings, scale))
+        progress(f"table {path}")
     units: dict[str, list[str]] = {}
     for name in expected:
         if name not in tables:
@@ -341,9 +348,11 @@ def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expecte
         )
         if unit:
             recipe.quantize(root, unit)
+            progress(unit)
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight.is_meta:  # tied to the token table: its own copy, read by row blocks
         recipe.quantize_from_rows(head, "lm_head", ckpt.rows(by_name["model.embed_tokens.weight"]))
+        progress("lm_head (tied: its own copy)")
     recipe.quantize(model)
     recipe.check()
 

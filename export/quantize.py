@@ -50,7 +50,7 @@ class Int8Table(nn.Module):
 
     @classmethod
     def from_rows(cls, read, num_rows: int, embed_scale=None, chunk: int = TABLE_CHUNK_ROWS) -> "Int8Table":
-        """`read(a, b)`: rows a..b-1 in any float dtype (a slice of a memory-mapped checkpoint
+        """`read(a, b)`: rows a..b-1 in any float dtype (read from the checkpoint file
         tensor); quantized `chunk` rows at a time, so the table is never held in fp32."""
         q = scale = None
         for a in range(0, num_rows, chunk):
@@ -220,7 +220,7 @@ def _quantize_by_rows(m: nn.Linear, config, quantize_, read=None) -> None:
     belongs to one row (groups along the input dim, or one per output channel), so the
     result equals quantizing the whole weight at once, without the scale search's fp32
     temporaries of the whole matrix (several GB for E4B's LM head). `read(a, b)`: rows of
-    the weight from elsewhere (the checkpoint's memory map), so it is never whole in fp32."""
+    the weight from elsewhere (the checkpoint file), so it is never whole in fp32."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     rows = m.out_features

@@ -303,6 +303,7 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
     res["checkpoint_bytes"] = sum(p.stat().st_size for p in (pair / "target").glob("*.safetensors"))
     fp32 = res["fp32_pair_bytes"] = fp32_pair_bytes(pair / "target", pair / "assistant")
     prompt = prompt_ids()
+    res["prompt_tokens"] = len(prompt)
     (d / "prompt.json").write_text(json.dumps(prompt))
     for target in targets:
         cfg = _target_file(target)

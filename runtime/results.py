@@ -1,7 +1,7 @@
 """`make results`: the README's results table, rendered from measurements kept in results/.
 
 A number in the README's table is never typed: `make parity` writes parity.json, `make bench`
-writes bench.json and `make export` writes manifest.json; `make results ADD=<that file>
+writes bench.json, `make export` writes manifest.json and `make size-check` size_check.json; `make results ADD=<that file>
 NAME=<short name>` copies the file into results/<name>.json and re-renders the table between
 the README's `<!-- results:begin -->` and `<!-- results:end -->` markers. Each row names the
 command that produced it (recorded in the JSON by the command itself).
@@ -10,7 +10,7 @@ tests/test_results.py fails when the README's table differs from the rendering o
 Steps of `render(results_dir)`:
 1. read every results/*.json, sorted by name;
 2. recognise its kind by its keys (parity: `checks`; bench: `step_costs_ms`; export
-   manifest: `files` and `quality`);
+   manifest: `files` and `quality`; `make size-check`: `depths` and `extrapolated`);
 3. one or more table rows per file: what was measured, the numbers, the command.
 """
 
@@ -112,6 +112,37 @@ def _export_rows(name: str, data: dict) -> list[str]:
     return [f"| export: {data['target']} | {'; '.join(p for p in parts if p)} | `make export TARGET={data['target']}` |"]
 
 
+def _size_rows(name: str, data: dict) -> list[str]:
+    """size_check.json: per depth, what each stage held and took, the artifacts, the run."""
+    gb = 1e9
+    rows = []
+    for d in data["depths"]:
+        parts = [f"checkpoint {d['checkpoint_bytes'] / gb:.2f} GB bf16"]
+        for stage, st in d["stages"].items():
+            if stage == "checkpoint":
+                continue
+            if st["exit_status"] == 0:
+                parts.append(f"{stage}: peak RSS {st['peak_rss_bytes'] / gb:.2f} GB, {st['seconds'] / 60:.1f} min")
+            else:
+                parts.append(f"{stage}: FAILED ({st.get('stopped') or 'exit %d' % st['exit_status']})")
+        for art, files in d["artifact_bytes"].items():
+            parts.append(f"{art} artifacts {sum(files.values()) / gb:.2f} GB")
+        for target, run in d["run"].items():
+            if "peak_rss_bytes" in run:
+                mapped = run["program_mapped_rss_bytes"]
+                prompt = f" after a {d['prompt_tokens']}-token prompt" if "prompt_tokens" in d else ""
+                parts.append(
+                    f"native run ({target}, {len(run['tokens'])} tokens{prompt}): peak RSS {run['peak_rss_bytes'] / gb:.2f} GB, of it {mapped / gb:.2f} GB pages of the "
+                    f"mapped program, {(run['rss_bytes'] - mapped) / gb:.2f} GB other"
+                )
+            if "equal_to_transformers" in run:
+                parts.append(f"{target} tokens == transformers greedy: {run['equal_to_transformers']}")
+        parts += [f"{k} skipped ({why})" for k, why in d["skipped"].items()]
+        rows.append(f"| size check ({name}): E4B widths, {d['layers']} layers, random weights | {'; '.join(parts)} | "
+                    f"{_command(data)} |")
+    return rows
+
+
 def rows_for(name: str, data: dict) -> list[str]:
     if "checks" in data:
         return _parity_rows(name, data)
@@ -119,7 +150,9 @@ def rows_for(name: str, data: dict) -> list[str]:
         return _bench_rows(name, data)
     if "files" in data and "quality" in data:
         return _export_rows(name, data)
-    raise ValueError(f"results/{name}.json: not a parity.json, bench.json or manifest.json")
+    if "depths" in data and "extrapolated" in data:
+        return _size_rows(name, data)
+    raise ValueError(f"results/{name}.json: not a parity.json, bench.json, manifest.json or size_check.json")
 
 
 def render(results_dir: Path = RESULTS) -> str:
