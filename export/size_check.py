@@ -241,11 +241,13 @@ def measure(argv: list[str], log: Path, limit_bytes: int) -> dict:
     if not stopped:
         stopped.append(None)
     watcher.join()
+    progress = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("[")]
     return {
         "seconds": round(time.time() - t0, 1),
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "exit_status": proc.returncode,
         "stopped": stopped[0],
+        "progress": progress[-12:],  # the stage's own progress lines: where a stopped stage was
         "log": str(log),
     }
 
@@ -308,40 +310,17 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
     for target in targets:
         cfg = _target_file(target)
         if cfg.executorch is not None:
-            name = f"executorch-{target}"
-            if not cfg.executorch.quantized and 3 * fp32 > limit:
-                res["skipped"][name] = (
-                    f"the fp32 program's lowering holds about 3x the fp32 pair ({3 * fp32 / GiB:.1f} GiB) "
-                    f"> the {limit / GiB:.1f} GiB limit; measured at smaller depths and extrapolated"
-                )
-            else:
-                print(f"[size-check] {layers} layers: {name}", flush=True)
-                art = d / target / "executorch"
-                shutil.rmtree(art, ignore_errors=True)
-                res["stages"][name] = measure(
-                    _stage_argv("executorch", pair / "target", pair / "assistant", target, art), d / f"{name}.log", limit
-                )
-                if res["stages"][name]["exit_status"] == 0:
-                    res["artifact_bytes"][name] = _bytes_of(art)
-                    if cli is not None:
-                        print(f"[size-check] {layers} layers: native runner over {target}'s program", flush=True)
-                        res["run"][target] = run_native(cli, art / "pair.pte", prompt, new_tokens)
+            too_big = not cfg.executorch.quantized and 3 * fp32 > limit
+            art = _export_stage(res, "executorch", target, pair, d, limit, too_big and (
+                f"the fp32 program's lowering holds about 3x the fp32 pair ({3 * fp32 / GiB:.1f} GiB) "
+                f"> the {limit / GiB:.1f} GiB limit; measured at smaller depths and extrapolated"))
+            if art is not None and cli is not None:
+                print(f"[size-check] {layers} layers: native runner over {target}'s program", flush=True)
+                res["run"][target] = run_native(cli, art / "pair.pte", prompt, new_tokens)
         if cfg.onnx is not None:
-            name = f"onnx-{target}"
-            if 2 * fp32 > limit:
-                res["skipped"][name] = (
-                    f"the ONNX exporter still traces the fp32 pair (about 2x its {fp32 / GiB:.1f} GiB) "
-                    f"> the {limit / GiB:.1f} GiB limit: a bounded-memory ONNX export is not built yet"
-                )
-            else:
-                print(f"[size-check] {layers} layers: {name}", flush=True)
-                art = d / target / "onnx"
-                shutil.rmtree(art, ignore_errors=True)
-                res["stages"][name] = measure(
-                    _stage_argv("onnx", pair / "target", pair / "assistant", target, art), d / f"{name}.log", limit
-                )
-                if res["stages"][name]["exit_status"] == 0:
-                    res["artifact_bytes"][name] = _bytes_of(art)
+            _export_stage(res, "onnx", target, pair, d, limit, 2 * fp32 > limit and (
+                f"the ONNX exporter still traces the fp32 pair (about 2x its {fp32 / GiB:.1f} GiB) "
+                f"> the {limit / GiB:.1f} GiB limit: a bounded-memory ONNX export is not built yet"))
     if 1.3 * fp32 < limit:
         print(f"[size-check] {layers} layers: transformers' greedy tokens (fp32)", flush=True)
         ref_file = d / "reference.json"
@@ -358,6 +337,25 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
     else:
         res["skipped"]["reference"] = f"the fp32 pair ({fp32 / GiB:.1f} GiB) does not fit the limit"
     return res
+
+
+def _export_stage(res: dict, kind: str, target: str, pair: Path, d: Path, limit: int, skip) -> Path | None:
+    """One format's export of `target` as a measured stage (or its reason to skip); returns
+    the artifacts' folder when it completed."""
+    name = f"{kind}-{target}"
+    if skip:
+        res["skipped"][name] = skip
+        return None
+    print(f"[size-check] {res['layers']} layers: {name}", flush=True)
+    art = d / target / kind
+    shutil.rmtree(art, ignore_errors=True)
+    res["stages"][name] = measure(
+        _stage_argv(kind, pair / "target", pair / "assistant", target, art), d / f"{name}.log", limit
+    )
+    if res["stages"][name]["exit_status"] != 0:
+        return None
+    res["artifact_bytes"][name] = _bytes_of(art)
+    return art
 
 
 def figures(depth: dict) -> dict[str, float]:

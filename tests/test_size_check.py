@@ -4,6 +4,7 @@ the extrapolation, and the sharded random checkpoint it writes."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +45,10 @@ def test_extrapolation_recovers_a_linear_law():
 
 
 def test_measure_reports_peak_memory_and_stops_a_stage_past_the_limit(tmp_path):
-    grow = "import time; x = bytearray(%d); x[::4096] = b'1' * len(x[::4096]); time.sleep(1)"
+    grow = "import time; print('[grow] step 1', flush=True); x = bytearray(%d); x[::4096] = b'1' * len(x[::4096]); time.sleep(1)"
     ok = measure([sys.executable, "-c", grow % (200 << 20)], tmp_path / "ok.log", 2 << 30)
     assert ok["exit_status"] == 0 and ok["stopped"] is None and ok["peak_rss_bytes"] >= 200 << 20
+    assert ok["progress"] == ["[grow] step 1"]
     big = measure([sys.executable, "-c", grow % (600 << 20)], tmp_path / "big.log", 300 << 20)
     assert big["exit_status"] != 0 and "limit" in big["stopped"]
 
@@ -91,3 +93,41 @@ def test_an_export_that_cannot_fit_is_refused_before_reading(monkeypatch):
     monkeypatch.setattr(build, "available_memory", lambda: 10 << 20)
     with pytest.raises(build.ExportError, match=r"about 0\.0\d GiB.*0\.01 GiB available"):
         build.check_memory(demo / "target", demo / "assistant")
+
+
+def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_path, monkeypatch, random_pair_dir):
+    """The orchestration of one depth, its stages faked: the quantized ExecuTorch program is
+    exported and run, the fp32 one and the ONNX export are skipped with their reasons when
+    they cannot fit the limit, and the run's tokens are compared with the reference's."""
+    import json
+    import shutil
+
+    import export.size_check as sc
+
+    pair = tmp_path / "layers-6" / "pair"
+    shutil.copytree(random_pair_dir, pair)
+    (pair / "complete").write_text("")
+
+    def fake_measure(argv, log, limit):
+        kind = argv[4]
+        if kind in ("executorch", "onnx"):
+            out = Path(argv[-1])
+            out.mkdir(parents=True)
+            (out / "pair.pte").write_bytes(b"x" * 10)
+        if kind == "reference":
+            Path(argv[-1]).write_text(json.dumps({"tokens": [5, 6]}))
+        return {"seconds": 1.0, "peak_rss_bytes": 100, "exit_status": 0, "stopped": None, "progress": [], "log": ""}
+
+    monkeypatch.setattr(sc, "measure", fake_measure)
+    monkeypatch.setattr(sc, "fp32_pair_bytes", lambda t, a: 60)  # 3x and 2x pass the limit of 100, 1.3x not
+    monkeypatch.setattr(sc, "run_native", lambda cli, pte, prompt, n: {"tokens": [5, 6], "peak_rss_bytes": 9,
+                                                                        "rss_bytes": 9, "program_mapped_rss_bytes": 4})
+    res = sc.check_depth(6, tmp_path, ["android", "linux-x86_64"], limit=100, cli=Path("cli"), new_tokens=2)
+    assert set(res["stages"]) == {"executorch-android", "reference"}
+    assert "fp32 program's lowering" in res["skipped"]["executorch-linux-x86_64"]
+    assert all("bounded-memory ONNX" in res["skipped"][f"onnx-{t}"] for t in ("android", "linux-x86_64"))
+    assert res["artifact_bytes"]["executorch-android"] == {"pair.pte": 10}
+    assert res["run"]["android"]["equal_to_transformers"] is True
+    assert sc.figures(res)["run-android.rss_excluding_program_map_bytes"] == 5
+    roomy = sc.check_depth(6, tmp_path, ["linux-x86_64"], limit=1000, cli=None, new_tokens=2)
+    assert {"executorch-linux-x86_64", "onnx-linux-x86_64", "reference"} == set(roomy["stages"]) and not roomy["run"]
