@@ -5,9 +5,13 @@ lowers to its quantized kernels):
 - linears `8da4w`: int8 dynamic per-token activations, int4 symmetric weights in groups of
   `group_size` along the input dim (layers whose input width is not a multiple of the group
   get int8 weights, counted with the `keep_8bit` ones);
-- embeddings `int8`: int8 weights with one scale per row (`Int8Table`, plain ops), for the
+- embeddings `int8`: int8 weights with one scale per row (`Int8Table`, plain ops), or `int4`:
+  two values per byte with an fp16 scale per 128 (`Int4Table`, plain integer ops), for the
   token table, the PLE table and the drafter's candidate-row table (its centroid head
-  gathers rows of its LM head).
+  gathers rows of its LM head). android uses int4 tables and all-int4 linears from hidden
+  size 1024 up (targets/android.toml, `wide_*`).
+- everything is applied one module, or one block of rows, at a time: the checkpoint reader
+  (export/checkpoint.py) quantizes the target as it reads it, in bounded memory.
 The target's LM head is tied to the token table in the checkpoint; quantized, it becomes an
 int4 linear beside the int8 embedding table (as in ExecuTorch's own Gemma 4 recipe).
 
@@ -50,8 +54,8 @@ class Int8Table(nn.Module):
 
     @classmethod
     def from_rows(cls, read, num_rows: int, embed_scale=None, chunk: int = TABLE_CHUNK_ROWS) -> "Int8Table":
-        """`read(a, b)`: rows a..b-1 in any float dtype (read from the checkpoint file
-        tensor); quantized `chunk` rows at a time, so the table is never held in fp32."""
+        """`read(a, b)`: rows a..b-1 in any float dtype (from the module, or read from the
+        checkpoint file); quantized `chunk` rows at a time, so the table is never held in fp32."""
         q = scale = None
         for a in range(0, num_rows, chunk):
             b = min(a + chunk, num_rows)
