@@ -229,9 +229,9 @@ def available_memory() -> int:
 def check_memory(checkpoint: Path, assistant: Path) -> None:
     """Refuse, before anything is read, an export whose fp32 steps cannot fit this machine:
     the reference check, the ONNX trace and the quality assessment hold the pair in fp32."""
-    from export.checkpoint import parameter_count
+    from export.checkpoint import fp32_pair_bytes
 
-    need = FP32_HOLDERS * 4 * (parameter_count(checkpoint) + parameter_count(assistant))
+    need = FP32_HOLDERS * fp32_pair_bytes(checkpoint, assistant)
     have = available_memory()
     if have and need > have:
         raise ExportError(

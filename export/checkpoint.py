@@ -505,6 +505,11 @@ def parameter_count(path: str | Path) -> int:
     return sum(t.numel() for t in _expected_tensors(_build(cls, info.hf_config)).values())
 
 
+def fp32_pair_bytes(target_dir: str | Path, drafter_dir: str | Path) -> int:
+    """fp32 bytes of a pair's parameters, from the configs alone (what holding it in fp32 costs)."""
+    return 4 * (parameter_count(target_dir) + parameter_count(drafter_dir))
+
+
 def load_pair(
     target_dir: str | Path,
     drafter_dir: str | Path | None,

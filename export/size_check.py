@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from export.checkpoint import fp32_pair_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 E4B_LAYERS = 42
 E4B_SHARED = 18
@@ -270,13 +272,6 @@ def run_native(cli: Path, pte: Path, prompt: list[int], new_tokens: int) -> dict
         return {"error": out.stderr.strip()[-500:]}
     lines = out.stdout.strip().splitlines()
     return {"tokens": [int(t) for t in lines[:-1]], **json.loads(lines[-1])}
-
-
-def fp32_pair_bytes(checkpoint: Path, assistant: Path) -> int:
-    """fp32 bytes of the pair's parameters (what a stage that loads the fp32 pair holds at least)."""
-    from export.checkpoint import parameter_count
-
-    return 4 * (parameter_count(checkpoint) + parameter_count(assistant))
 
 
 # ---------------------------------------------------------------------------- the check
