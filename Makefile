@@ -23,7 +23,7 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 .PHONY: help venv test generate export parity bench results native size-check demo-model random-pair clean
 
 help:
-	@echo "make export TARGET=android|ios|linux-x86_64 [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
+	@echo "make export TARGET=android|ios|linux-x86_64|web [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
 	@echo "make test                 fast test tier (< 20 min on 2 cores)"
 	@echo "make generate [BACKEND=torch|onnx|executorch] [PROMPT=..|PROMPT_FILE=..|PROMPT_IDS=1,2,3] [MAX_NEW_TOKENS=64]"
 	@echo "              [DRAFT_TOKENS=0] [CHECKPOINT=dir ASSISTANT=dir | ARTIFACTS=dir] [JSON=1] [IGNORE_EOS=1]"
@@ -45,9 +45,16 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+# the Node client the web layout is tested with (transformers.js); onnxruntime-node's
+# install script is told to skip its optional downloads (tests/clients/.npmrc)
+NODE_STAMP := tests/clients/node_modules/.installed
+$(NODE_STAMP): tests/clients/package.json tests/clients/package-lock.json
+	cd tests/clients && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 # two workers (one per core): each test module, and each shape of tests/test_shapes.py, is one
 # xdist group, so every export a module builds is built once (tests/conftest.py)
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=12
 
 generate: $(STAMP)

@@ -156,6 +156,7 @@ class FormatBuild:
     directory: Path
     methods: dict  # method or graph -> input/output names, dtypes, shapes
     quantization: dict  # manifest `quantization` entries of this format
+    clients: dict = dataclasses.field(default_factory=dict)  # client layout -> files it reads
 
 
 STEPS = 7
@@ -324,7 +325,27 @@ def build_onnx(p: Plan, d: Path) -> FormatBuild:
             "matmuls": counts,
         }
         print(f"      MatMulNBits: {counts}", flush=True)
-    return FormatBuild(d, {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}, quant)
+    clients = client_layouts(p, d)
+    return FormatBuild(d, {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}, quant, clients)
+
+
+def client_layouts(p: Plan, d: Path) -> dict:
+    """The target's `[onnx] clients` layouts over the finished graphs (export/client_layouts.py):
+    client -> the files it reads, relative to the artifact folder."""
+    from export import client_layouts as cl
+
+    text_config = p.target.config.to_dict()
+    generation = p.target.generation_config.to_dict() if p.target.generation_config is not None else None
+    for client in p.cfg.onnx.clients:
+        if client == "onnxruntime-genai":
+            cl.write_genai_layout(d, text_config)
+        else:
+            cl.write_transformers_js_layout(d, p.cfg.onnx.linear, text_config, generation)
+    out = {}
+    for client in p.cfg.onnx.clients:  # once all are written: a layout may rename data files
+        out[client] = {"files": cl.client_files(d, client)}
+        print(f"      {client}: {', '.join(out[client]['files'])}", flush=True)
+    return out
 
 
 def fp32_weight_bytes(*modules) -> int:
@@ -428,6 +449,7 @@ def write_manifest(p: Plan, formats: dict, calibration: dict, quality: dict, out
         "eos_token_ids": layout["eos_token_ids"],
         "bos_token_id": layout["bos_token_id"],
         "quantization": {k: v for b in formats.values() for k, v in b.quantization.items()},
+        "clients": {k: v for b in formats.values() for k, v in b.clients.items()},
         "quality": {fmt: {k: v for k, v in r.items() if k != "prompts"} for fmt, r in quality.items()},
         "draft_calibration": calibration,
         "toolchain": _versions(),

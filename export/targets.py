@@ -2,8 +2,9 @@
 
 A target file states what `make export TARGET=<name>` builds: the formats (an
 `[executorch]` and/or an `[onnx]` table), delegate, quantization scheme, context length,
-prefill chunk, draft length (a number, or "auto" for draft-length calibration) and the
-quality gates the export must pass.
+prefill chunk, draft length (a number, or "auto" for draft-length calibration), the
+layouts written for other ONNX clients (`[onnx] clients`) and the quality gates the export
+must pass.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from export.client_layouts import CLIENTS
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
@@ -55,6 +58,8 @@ class OnnxSpec:
     linear: str = "fp32"
     block_size: int = 32
     keep_8bit: tuple[str, ...] = ()
+    # layouts for other clients written beside the graphs (export/client_layouts.py)
+    clients: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -131,6 +136,8 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
         _choice(ox.linear, ONNX_LINEAR, f"{where} [onnx] linear")
         if ox.block_size < 16 or ox.block_size & (ox.block_size - 1):
             raise TargetError(f"{where} [onnx] block_size must be a power of two >= 16")
+        for client in ox.clients:
+            _choice(client, CLIENTS, f"{where} [onnx] clients")
     if et is None and ox is None:
         raise TargetError(f"{where}: no format; add an [executorch] and/or an [onnx] table")
     if "gates" not in data:

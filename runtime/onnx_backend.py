@@ -17,6 +17,7 @@ layout.json by the exporter) are read once and given to every session that uses 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,19 @@ from runtime.loop import chained_drafts, prefill_chunks
 __all__ = ["ArtifactError", "LAYOUT_FILE", "OnnxBackend"]
 
 
+THREADS_ENV = "GEMMA4_ORT_THREADS"  # the target session's intra-op threads when not given
+
+
 def _session(path: Path, threads: int | None, shared: dict | None = None) -> ort.InferenceSession:
-    """shared: initializer name -> OrtValue, used instead of the graph's own copy."""
+    """shared: initializer name -> OrtValue, used instead of the graph's own copy. threads:
+    the intra-op pool (None: $GEMMA4_ORT_THREADS, else onnxruntime's default, one per core)."""
     if not path.is_file():
         raise ArtifactError(f"{path} not found; export the ONNX graphs first (make generate BACKEND=onnx ...)")
     opts = ort.SessionOptions()
     for name, value in (shared or {}).items():
         opts.add_initializer(name, value)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get(THREADS_ENV) or 0)
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

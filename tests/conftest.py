@@ -28,8 +28,25 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: _heaviest_first(item.get_closest_marker("xdist_group").args[0]))
 
 
-HEAVY_GROUPS = ["tests.test_executorch", "q8-e4b", "shape-e4b", "shape-e4b-multimodal", "shape-e2b",
-                "tests.test_export_target"]
+# longest first (measured minutes per group), so that the two workers end together
+HEAVY_GROUPS = ["tests.test_executorch", "tests.test_export_target", "q8-e4b", "shape-e4b", "shape-e2b",
+                "shape-e4b-multimodal"]
+
+
+def pytest_configure(config):
+    """Under xdist (`make test`: two workers on two cores) each worker computes on one
+    thread: torch, ExecuTorch's threadpool and the onnxruntime target session (through
+    $GEMMA4_ORT_THREADS, which the CLI subprocesses inherit) would otherwise each start a
+    thread per core, and the two workers' spinning pools slowed each other down ~2x.
+    Results do not depend on it: tolerances and exact-token checks hold at any count."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("GEMMA4_ORT_THREADS", "1")
+        torch.set_num_threads(1)
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(1)
 
 
 def _heaviest_first(group: str) -> int:
@@ -80,3 +97,16 @@ def native_cli(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return build / "gemma4-spec"
 
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """tests/clients/generate.mjs with its npm dependencies (transformers.js), installed by
+    `make test` (`npm ci` from tests/clients/package-lock.json) or here if missing."""
+    import subprocess
+
+    clients = REPO / "tests" / "clients"
+    if not (clients / "node_modules" / "@huggingface" / "transformers").is_dir():
+        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=clients, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return clients / "generate.mjs"

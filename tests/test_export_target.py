@@ -1,7 +1,9 @@
 """`make export TARGET=...` end to end on an ONNX-only 4-bit target (the fast format to
 build; the ExecuTorch programs are covered in test_executorch.py and by `make export`):
 manifest and hashes, byte-identical re-export, tamper refusal in `make parity`, atomic
-output under a kill or a failed step, and the gates recorded in the manifest."""
+output under a kill or a failed step, the gates recorded in the manifest, and the layouts
+two other clients load (onnxruntime-genai in Python, transformers.js in Node) generating
+our runtime's greedy tokens."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ draft_tokens = "auto"
 linear = "int4"
 block_size = 32
 keep_8bit = ["lm_head", "self_attn", "per_layer"]
+clients = ["onnxruntime-genai", "transformers.js"]   # android's and web's
 
 [gates]
 min_top1_agreement = 0.90
@@ -91,13 +94,13 @@ def test_parity_refuses_a_tampered_export(exported, tmp_path, capsys):
 
     copy = tmp_path / "copy"
     shutil.copytree(exported, copy)
-    data = copy / "onnx" / "target.onnx.data"
+    data = copy / "onnx" / "decoder_model_merged_q4.onnx_data"  # target.onnx's weights (the web layout's name)
     blob = bytearray(data.read_bytes())
     blob[len(blob) // 2] ^= 0x55
     data.write_bytes(bytes(blob))
     assert parity_main(["--artifacts", str(copy)]) == 2
     err = capsys.readouterr().err
-    assert "onnx/target.onnx.data: sha256 differs" in err and "refusing" in err
+    assert "onnx/decoder_model_merged_q4.onnx_data: sha256 differs" in err and "refusing" in err
 
 
 def test_parity_judges_by_the_gates_the_export_was_built_with(exported, targets_dir, tmp_path):
@@ -168,3 +171,76 @@ def test_killed_export_leaves_no_target_directory(demo_dirs, targets_dir, tmp_pa
     finally:
         again.kill()
         again.wait(timeout=60)
+
+
+CLIENT_NEW_TOKENS = 128
+
+
+@pytest.fixture(scope="module")
+def client_prompt(demo_dirs):
+    from runtime.generate import load_tokenizer
+
+    ids = load_tokenizer(demo_dirs[0]).encode((REPO / "calibration" / "prompts" / "heldout_config.py").read_text()).ids
+    return ids[:300]  # past four 64-token windows; + 128 new tokens inside max_context 640
+
+
+@pytest.fixture(scope="module")
+def our_greedy(exported, client_prompt):
+    """Our onnxruntime backend's greedy tokens on the same export, EOS not stopping the run."""
+    from runtime.generate import LoopRunner
+    from runtime.onnx_backend import OnnxBackend
+
+    tokens, _ = LoopRunner(OnnxBackend(exported / "onnx")).generate(client_prompt, CLIENT_NEW_TOKENS, stop_at_eos=False)
+    assert len(tokens) == CLIENT_NEW_TOKENS
+    return tokens
+
+
+def test_manifest_lists_the_client_layouts(exported):
+    import json
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    clients = manifest["clients"]
+    assert set(clients) == {"onnxruntime-genai", "transformers.js"}
+    genai = clients["onnxruntime-genai"]["files"]
+    web = clients["transformers.js"]["files"]
+    assert {"onnx/genai_config.json", "onnx/genai_decoder.onnx"} <= set(genai)
+    assert {"config.json", "onnx/embed_tokens_q4.onnx", "onnx/decoder_model_merged_q4.onnx",
+            "onnx/embed_tokens_q4.onnx_data", "onnx/decoder_model_merged_q4.onnx_data"} <= set(web)
+    assert set(genai) | set(web) <= set(manifest["files"])  # every file a client reads is hashed
+    # the folded decoder reads the export's data files: no second copy of any weight
+    assert {"onnx/embed_tokens_q4.onnx_data", "onnx/decoder_model_merged_q4.onnx_data"} <= set(genai)
+    assert not list((exported / "onnx").glob("*.data.*")) and not (exported / "onnx" / "target.onnx.data").exists()
+    config = json.loads((exported / "onnx" / "genai_config.json").read_text())
+    window = config["model"]["decoder"]["sliding_window"]
+    assert window["window_size"] + window["cache_slack"] == manifest["cache_layout"]["ring_slots"]
+    assert config["search"]["max_length"] == manifest["cache_layout"]["max_context"]
+
+
+def test_onnxruntime_genai_generates_our_greedy_tokens(exported, client_prompt, our_greedy):
+    """onnxruntime-genai (PyPI) opens the export's ONNX folder by its genai_config.json and
+    decodes greedily: the same 128 tokens as our runtime after a prompt past the window."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(exported / "onnx"))
+    generator = og.Generator(model, og.GeneratorParams(model))
+    generator.append_tokens(np.array([client_prompt], dtype=np.int32))
+    tokens = []
+    while len(tokens) < CLIENT_NEW_TOKENS:
+        assert not generator.is_done(), f"genai stopped after {len(tokens)} tokens"
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == our_greedy
+
+
+def test_transformers_js_generates_our_greedy_tokens(exported, client_prompt, our_greedy, node_client):
+    """transformers.js (npm, in Node) loads the export's transformers.js layout by its
+    config.json (dtype q4) and decodes greedily: the same 128 tokens as our runtime."""
+    import json
+
+    cmd = ["node", str(node_client), str(exported), ",".join(map(str, client_prompt)), str(CLIENT_NEW_TOKENS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dtype"] == "q4"
+    assert result["tokens"] == our_greedy

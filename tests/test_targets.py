@@ -17,10 +17,15 @@ def test_shipped_targets_load():
     assert ios.executorch.coreml and ios.onnx is None
     linux = load_target("linux-x86_64")
     assert not linux.quantized and linux.executorch and linux.onnx
+    assert android.onnx.clients == ("onnxruntime-genai",) == linux.onnx.clients
+    web = load_target("web")  # the android ONNX recipe for transformers.js, no .pte
+    assert web.executorch is None and web.onnx.clients == ("transformers.js",)
+    assert (web.onnx.linear, web.onnx.block_size, web.onnx.keep_8bit) == (
+        android.onnx.linear, android.onnx.block_size, android.onnx.keep_8bit)
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(TargetError, match="known targets: android, ios, linux-x86_64"):
+    with pytest.raises(TargetError, match="known targets: android, ios, linux-x86_64, web"):
         load_target("windows-phone")
 
 
@@ -32,6 +37,7 @@ def test_unknown_target_lists_known_ones():
         ("description='x'\nmax_context=64\nprefill_chunk=8\nmax_draft=4\ndraft_tokens='auto'\n[gates]\n"
          "min_top1_agreement=0.9\nmax_mean_kl=1\nmax_accepted_length_drop=0.1\n", "no format"),
         ("this is not toml", "not valid TOML"),
+        ('[onnx]\nclients = ["ollama"]\n[gates]\n', r"clients = 'ollama'; expected one of \['onnxruntime-genai', 'transformers.js'\]"),
     ],
 )
 def test_bad_target_files_are_refused(tmp_path, body, message):
