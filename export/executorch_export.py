@@ -22,6 +22,9 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -275,30 +278,31 @@ def export_executorch(
     }
     io = {name: method_io(p) for name, p in programs.items()}
     t0 = time.time()
-    edge = to_edge_transform_and_lower(
-        programs,
-        partitioner=[_partitioner(backend)],
-        constant_methods=metadata,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
-    print(f"[executorch] lowered to {backend} ({time.time() - t0:.1f}s; {_memory()})", flush=True)
-    shares = {}
-    for name in programs:
-        share = shares[name] = delegated_share(edge.exported_program(name))
-        print(
-            f"      {name}: {100 * share['delegated_share']:.1f}% of ops in {backend} "
-            f"({share['ops_delegated']} in, {share['ops_outside']} on portable kernels; "
-            f"matmuls outside: {len(share['matmuls_outside'])})",
-            flush=True,
+    with _constants_on_disk(Path(path).parent):
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner=[_partitioner(backend)],
+            constant_methods=metadata,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
-    names = list(programs)
-    del programs  # the lowered programs hold what is still needed
-    prog = edge.to_executorch(
-        ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
-    )
-    del edge
-    with open(path, "wb") as f:  # streamed from the serialized pieces: no whole-file copy in memory
-        prog.write_to_file(f)
+        print(f"[executorch] lowered to {backend} ({time.time() - t0:.1f}s; {_memory()})", flush=True)
+        shares = {}
+        for name in programs:
+            share = shares[name] = delegated_share(edge.exported_program(name))
+            print(
+                f"      {name}: {100 * share['delegated_share']:.1f}% of ops in {backend} "
+                f"({share['ops_delegated']} in, {share['ops_outside']} on portable kernels; "
+                f"matmuls outside: {len(share['matmuls_outside'])})",
+                flush=True,
+            )
+        names = list(programs)
+        del programs  # the lowered programs hold what is still needed
+        prog = edge.to_executorch(
+            ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
+        )
+        del edge
+        with open(path, "wb") as f:  # streamed from the serialized pieces: no whole-file copy in memory
+            prog.write_to_file(f)
     print(f"[executorch] wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB; {_memory()})", flush=True)
     return {
         "methods": sorted(names),
@@ -307,6 +311,46 @@ def export_executorch(
         "io": io,
         "quantization": quant_report,
     }
+
+
+SPILL_MIN_BYTES = 1 << 20  # constants at least this large wait on disk for serialization
+
+
+@contextlib.contextmanager
+def _constants_on_disk(directory: Path):
+    """While lowering and serializing: every delegate constant of at least SPILL_MIN_BYTES
+    goes to a file (one per distinct content) and the program's data store holds ExecuTorch's
+    own on-disk buffer for it (`FileBackedData`), streamed into the .pte at the end.
+
+    Why: XNNPACK's lowering hands each constant to the program's named data store as a
+    bytes copy, per method, kept until serialization merges equal ones. `forward` and
+    `target_step` both hold every target linear, so E4B's 4.7B linear weights were held
+    twice on top of the model (measured: ~0.5 bytes per parameter per method of the ~1.7 that
+    lowering added; after this the lowered methods retain about nothing beyond the model's
+    own quantized weights). Patches the store's `add_named_data` for the duration only
+    (executorch is pinned); the files live in a temporary folder beside the .pte."""
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    original = NamedDataStore.add_named_data
+    with tempfile.TemporaryDirectory(prefix=".pte-constants-", dir=directory) as tmp:
+        spilled: dict[bytes, FileBackedData] = {}
+
+        def add_named_data(self, key, data, alignment=1, external_tag=None, tensor_layout=None):
+            if isinstance(data, bytes) and len(data) >= SPILL_MIN_BYTES:
+                digest = hashlib.sha256(data).digest()
+                if digest not in spilled:
+                    file = Path(tmp) / f"{len(spilled)}.bin"
+                    file.write_bytes(data)
+                    spilled[digest] = FileBackedData(str(file), sha256=digest)
+                data = spilled[digest]
+            return original(self, key, data, alignment, external_tag, tensor_layout)
+
+        NamedDataStore.add_named_data = add_named_data
+        try:
+            yield
+        finally:
+            NamedDataStore.add_named_data = original
 
 
 def write_executorch(
