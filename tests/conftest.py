@@ -98,7 +98,6 @@ def native_cli(tmp_path_factory) -> Path:
     return build / "gemma4-spec"
 
 
-
 @pytest.fixture(scope="session")
 def node_client() -> Path:
     """tests/clients/generate.mjs with its npm dependencies (transformers.js), installed by
