@@ -13,6 +13,8 @@ TARGET         ?= android
 SHAPE          ?= e4b
 OUT            ?= artifacts
 BENCH_OUT      ?= artifacts/bench
+PEERS_OUT      ?= artifacts/bench-peers
+PEERS_STAMP    := $(VENV)/.peers-installed
 
 GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) \
 	--max-new-tokens $(MAX_NEW_TOKENS) --draft-tokens $(DRAFT_TOKENS) \
@@ -20,7 +22,7 @@ GEN_ARGS = --backend $(BACKEND) --checkpoint $(CHECKPOINT) --assistant $(ASSISTA
 	$(if $(PROMPT_IDS),--prompt-ids $(PROMPT_IDS)) $(if $(JSON),--json) $(if $(IGNORE_EOS),--ignore-eos) \
 	$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-.PHONY: help venv test generate export parity bench results native size-check demo-model random-pair clean
+.PHONY: help venv test generate export parity bench bench-peers results native size-check demo-model random-pair clean
 
 help:
 	@echo "make export TARGET=android|ios|linux-x86_64|web [CHECKPOINT=dir ASSISTANT=dir OUT=artifacts STEP_COSTS=file]"
@@ -30,6 +32,7 @@ help:
 	@echo "              BACKEND=native: the C++ runner over the .pte (make native first)"
 	@echo "make parity [CHECKPOINT=dir ASSISTANT=dir] [ARTIFACTS=dir] [PARITY_BACKEND=onnx|executorch|all] [DRAFT_TIE=1e-3]"
 	@echo "make bench  [BENCH_OUT=artifacts/bench]                       greedy vs speculative, side by side"
+	@echo "make bench-peers [CHECKPOINT=dir ASSISTANT=dir PEERS_OUT=dir]  prefill/decode vs ExecuTorch's example and mobius"
 	@echo "make native               build the C++ speculative runner (build/native/gemma4-spec, libgemma4_spec.so)"
 	@echo "make results [ADD=artifacts/parity/parity.json NAME=parity-demo]   keep a measurement, re-render README's table"
 	@echo "make demo-model           retrain the shipped demo pair from scratch (about 75 minutes)"
@@ -71,6 +74,14 @@ parity: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m runtime.bench --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(BENCH_OUT) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+
+# the peers (benchmark-only dependencies, requirements-peers.lock) and the side-by-side run
+$(PEERS_STAMP): $(STAMP) requirements-peers.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-peers.lock
+	touch $@
+
+bench-peers: $(PEERS_STAMP)
+	$(PY) -m runtime.bench_peers --checkpoint $(CHECKPOINT) --assistant $(ASSISTANT) --out $(PEERS_OUT)
 
 # the C++ runner against the installed executorch wheel (CMake >= 3.28 from the venv)
 NATIVE_BUILD ?= build/native
