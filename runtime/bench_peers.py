@@ -75,8 +75,9 @@ def _text_config(checkpoint: Path) -> dict:
 
 
 def _peer_dir(kind: str, checkpoint: Path, **settings) -> Path:
-    """A cache folder keyed by the checkpoint files, the settings, this file and the peer's
-    version (a peer build takes minutes: ExecuTorch lowering)."""
+    """A cache folder keyed by the checkpoint files, the settings, the build code and the
+    peers' versions (a peer build takes minutes: ExecuTorch lowering)."""
+    import inspect
     from importlib.metadata import version
 
     from export.cache import _fingerprint
@@ -86,7 +87,7 @@ def _peer_dir(kind: str, checkpoint: Path, **settings) -> Path:
             "kind": kind,
             "checkpoint": [str(checkpoint.resolve()), _fingerprint(checkpoint)],
             "settings": settings,
-            "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            "source": hashlib.sha256("".join(inspect.getsource(f) for f in _BUILD_CODE()).encode()).hexdigest(),
             "versions": {n: version(n) for n in ("torch", "executorch", "onnxruntime", "mobius-onnx")},
         },
         sort_keys=True,
@@ -228,6 +229,11 @@ def build_mobius(checkpoint: Path) -> Path:
     return _atomic_build(_peer_dir("mobius", checkpoint), "model.onnx", build)
 
 
+def _BUILD_CODE():
+    return (_full_head_dim, _text_config, executorch_example_config, _weights_as_conditional_generation,
+            build_executorch_example, build_mobius)
+
+
 # --------------------------------------------------------------------------- peers: runtimes
 
 
@@ -313,20 +319,22 @@ def bench_prompts(checkpoint: Path, lengths: list[int]) -> dict[int, list[int]]:
 
 def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list[int]], new_tokens: int, repeats: int):
     """All backends interleaved within each repeat and prompt; per (prompt, backend) the
-    prefill and mean decode ms of every repeat and whether the tokens equal the reference."""
+    prefill and mean decode ms of every repeat and whether the tokens equal the reference
+    (in every run). A first, untimed round warms each backend up (a first call of a new
+    shape plans memory and packs weights: 5x a steady prefill)."""
     raw = {n: {b: {"prefill_ms": [], "decode_ms": [], "tokens_equal": True} for b in backends} for n in prompts}
-    for r in range(repeats):
+    for r in range(-1, repeats):
         for n, ids in prompts.items():
             for name, backend in backends.items():
                 tokens, _, timer = greedy_generate(backend, ids, new_tokens)
-                ms = timer.mean_ms()
                 entry = raw[n][name]
+                entry["tokens_equal"] &= tokens == reference[n]
+                if r < 0:
+                    continue
+                ms = timer.mean_ms()
                 entry["prefill_ms"].append(ms["prefill"])
                 entry["decode_ms"].append(ms["decode"])
-                entry["tokens_equal"] &= tokens == reference[n]
-                if r == 0:
-                    entry["tokens"] = tokens
-        print(f"  repeat {r + 1}/{repeats} done", flush=True)
+        print(f"  {'warm-up round' if r < 0 else f'repeat {r + 1}/{repeats}'} done", flush=True)
     return raw
 
 
@@ -404,6 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-peers"))
     args = ap.parse_args(argv)
     args.backend = "all"
+    if args.long + args.new_tokens >= args.max_seq_len:
+        print(f"error: --long {args.long} + --new-tokens {args.new_tokens} must stay below --max-seq-len", file=sys.stderr)
+        return 2
     try:
         import executorch.examples.models.gemma4  # noqa: F401
         import mobius  # noqa: F401
@@ -416,9 +427,6 @@ def main(argv=None) -> int:
     from export.checkpoint import load_pair
 
     text = _text_config(args.checkpoint)
-    if args.long + args.new_tokens >= args.max_seq_len:
-        print(f"error: --long {args.long} + --new-tokens {args.new_tokens} must stay below --max-seq-len", file=sys.stderr)
-        return 2
     try:
         prompts = bench_prompts(args.checkpoint, [args.short, args.long])
         target, drafter = load_pair(args.checkpoint, args.assistant)
