@@ -6,7 +6,8 @@ Steps:
    ExecuTorch 1.5.1 would otherwise run the erf GELU, ~1e-2 off on the logits);
 2. methods, each exported with torch.export (dynamic token count where it applies):
    - `forward(tokens [1, N], input_pos [1])` -> logits [1, 1, V] of the last position: the
-     contract of ExecuTorch's LLM runners (`TextLLMRunner`);
+     contract of ExecuTorch's LLM runners (`TextLLMRunner`); N <= `get_max_seq_len` (the
+     prefill chunk, `MAX_CHUNK`), the caches hold `get_max_context_len` positions;
    - `target_step(tokens, input_pos, logit_index [R])` -> logits [1, R, V] of the rows
      logit_index names (R <= max_draft + 1, so the planned logits buffer is (max_draft + 1)
      x V, not max_context x V), hidden [1, N, H]: prefill chunk, decode, verify;
@@ -33,6 +34,12 @@ import torch
 from export.config import TargetSpec
 from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
 from runtime.artifacts import LAYOUT_FILE, eos_ids
+
+# Tokens one call of `forward` / `target_step` takes at most (the runtimes' prefill chunk;
+# `get_max_seq_len` says it, and ExecuTorch's TextLLMRunner prefills longer prompts in chunks
+# of it). The memory planner sizes the activation arena for it: at E4B's widths 251 MB for
+# the whole context (1024 tokens) against about a quarter of that for 256.
+MAX_CHUNK = 256
 
 
 class EtPair(torch.nn.Module):
@@ -211,8 +218,9 @@ def export_executorch(
     quantization: dict | None = None,
     backend: str = "xnnpack",
     methods: tuple[str, ...] | None = None,
+    max_chunk: int = MAX_CHUNK,
 ) -> dict:
-    """methods: the compute methods to export (default all: `forward`, `target_step`,
+    """max_chunk: tokens per target call at most (`MAX_CHUNK`). methods: the compute methods to export (default all: `forward`, `target_step`,
     `draft_step`, `draft_k1..draft_k{max_draft}`; `reset_caches`, `shared_kv` and the
     metadata always). The runtimes need `target_step`; without `draft_k{k}` they chain
     `draft_step` calls. Tests that check a shape lower fewer methods: lowering takes
@@ -242,7 +250,10 @@ def export_executorch(
             f"{quant_report['embedding']} ({time.time() - t0:.1f}s)",
             flush=True,
         )
-    tokens = torch.export.Dim("tokens", min=1, max=max_context)
+    chunk = min(max_chunk, max_context)
+    if chunk < max_draft + 1:
+        raise ValueError(f"max_chunk {max_chunk} must hold a verify pass of max_draft + 1 = {max_draft + 1} tokens")
+    tokens = torch.export.Dim("tokens", min=1, max=chunk)
     rows = torch.export.Dim("logit_rows", min=1, max=max_draft + 1)
     ids = torch.full((1, 3), spec.bos_token_id, dtype=torch.long)
     pos = torch.tensor([0])
@@ -265,7 +276,7 @@ def export_executorch(
         programs["shared_kv"] = torch.export.export(_SharedKV(pair), ())
     eos = list(eos_ids(target.generation_config.eos_token_id))
     metadata = {
-        "get_max_seq_len": max_context,
+        "get_max_seq_len": chunk,
         "get_max_context_len": max_context,
         "get_vocab_size": spec.vocab_size,
         "get_n_layers": spec.attention.num_layers,
@@ -397,6 +408,7 @@ def write_executorch(
     max_draft: int,
     quantization: dict | None = None,
     methods: tuple[str, ...] | None = None,
+    max_chunk: int = MAX_CHUNK,
 ) -> dict:
     """pair.pte, layout.json (the cache layout, as for ONNX) and executorch_report.json
     (methods, metadata, delegated share per method) into out_dir."""
@@ -405,7 +417,8 @@ def write_executorch(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = export_executorch(
-        target, drafter, out_dir / "pair.pte", max_context, max_draft, quantization, methods=methods
+        target, drafter, out_dir / "pair.pte", max_context, max_draft, quantization, methods=methods,
+        max_chunk=max_chunk,
     )
     spec = TargetSpec.from_hf(target.config)
     layout = CacheLayout(spec.attention, max_context, max_draft)

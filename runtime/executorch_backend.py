@@ -61,7 +61,11 @@ class ExecuTorchBackend:
         self.round_methods = {}
         self.max_context = int(self.program.load_method("get_max_context_len").execute([])[0])
         self.eos_token_ids = tuple(int(e) for e in self.program.load_method("get_eos_ids").execute([]))
-        self.prefill_chunk = min(prefill_chunk, self.max_context)
+        # tokens per target call: the program's bound (get_max_seq_len; the whole context in
+        # programs from before it was bounded)
+        bounded = "get_max_seq_len" in names
+        self.max_chunk = int(self.program.load_method("get_max_seq_len").execute([])[0]) if bounded else self.max_context
+        self.prefill_chunk = min(prefill_chunk, self.max_chunk, self.max_context)
         self.hidden_size = self.layout["hidden_size"]
         self.max_draft = self.layout["max_draft"]
         self.vocab_size = int(self.program.load_method("get_vocab_size").execute([])[0])

@@ -14,6 +14,9 @@ from export.modules import CacheLayout, DrafterStep, EmbedStep, TargetStep
 from tests.conftest import PROMPTS
 
 MAX_CONTEXT, MAX_DRAFT = 256, 4
+# tokens per target call (get_max_seq_len): below the 150-token prompt, so every runner here
+# (the Python backend, TextLLMRunner, the native runner) prefills it in chunks
+MAX_CHUNK = 64
 NEW_TOKENS = 64  # 150-token prompt + 64: past two 64-token windows, inside MAX_CONTEXT
 # The program's methods: the runner contract's forward, the target and drafter steps, and the
 # drafting rounds of 1 and MAX_DRAFT drafts. Rounds of 2..MAX_DRAFT-1 drafts are left out: both
@@ -41,7 +44,7 @@ def artifacts(pair, demo_dirs, tmp_path_factory):
     from export.onnx_export import copy_tokenizer
 
     out = tmp_path_factory.mktemp("pte")
-    info = write_executorch(*pair, out, MAX_CONTEXT, MAX_DRAFT, methods=METHODS)
+    info = write_executorch(*pair, out, MAX_CONTEXT, MAX_DRAFT, methods=METHODS, max_chunk=MAX_CHUNK)
     copy_tokenizer(demo_dirs[0], out)
     return out, info
 
@@ -68,7 +71,7 @@ def test_methods_metadata_and_delegation(program, pair):
     assert {"forward", "target_step", "draft_step", "reset_caches", "shared_kv", *rounds} <= set(prog.method_names)
     assert not {"draft_k2", "draft_k3"} & set(prog.method_names)  # served from draft_k4 (see METHODS)
     meta = {name: prog.load_method(name).execute([])[0] for name in info["metadata"]}
-    assert meta["get_max_seq_len"] == MAX_CONTEXT and meta["get_vocab_size"] == 2048
+    assert meta["get_max_seq_len"] == MAX_CHUNK and meta["get_max_context_len"] == MAX_CONTEXT and meta["get_vocab_size"] == 2048
     assert meta["get_n_layers"] == 12 and meta["get_num_kv_shared_layers"] == 6
     assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
     for name in ("forward", "target_step", "draft_step", *sorted(rounds)):
@@ -93,18 +96,22 @@ def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, promp
     with torch.no_grad():
         ref = target(ids, output_hidden_states=True)
     rows = MAX_DRAFT + 1  # the most logit rows a call returns
-    first = step.execute([ids[:, :100], torch.tensor([0]), torch.arange(100 - rows, 100)])
-    second = step.execute([ids[:, 100:], torch.tensor([100]), torch.arange(n - 100 - rows, n - 100)])
-    logits = torch.cat([first[0][0], second[0][0]])
-    hidden = torch.cat([first[1][0], second[1][0]])
-    expected = ref.logits[0][[*range(100 - rows, 100), *range(n - rows, n)]]
+    bounds = [*range(0, n, MAX_CHUNK), n]  # calls of at most MAX_CHUNK tokens
+    outs = [
+        step.execute([ids[:, a:b], torch.tensor([a]), torch.arange(b - a - rows, b - a)])
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    second = outs[-1]
+    logits = torch.cat([o[0][0] for o in outs])
+    hidden = torch.cat([o[1][0] for o in outs])
+    expected = ref.logits[0][[i for b in bounds[1:] for i in range(b - rows, b)]]
 
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()
 
     # fp32 XNNPACK with the tanh-GELU spelled out: relative 1e-4 as for onnxruntime (measured
     # 8e-7 on the demo pair; with the native GELU XNNPACK is ~1e-2 off).
-    assert logits.shape[0] == 2 * rows and rel(logits, expected) < 1e-4
+    assert logits.shape[0] == (len(bounds) - 1) * rows and rel(logits, expected) < 1e-4
     assert rel(hidden, ref.hidden_states[-1][0]) < 1e-4
 
     layout = CacheLayout(TargetSpec.from_hf(target.config).attention, MAX_CONTEXT, MAX_DRAFT)
@@ -119,10 +126,17 @@ def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, promp
         state = hidden[:, -1:]
         ref_logits, ref_state = dstep(torch.cat([embed(token)[0], state], -1), torch.tensor([[len(prompt)]]), *shared)
     logits, new_state = prog.load_method("draft_step").execute([token, second[1][:, -1:], torch.tensor([len(prompt)])])
-    # the runner contract's forward: [1, 1, V], the last position (a fresh sequence)
+    # the runner contract's forward: [1, 1, V], the last position (a fresh sequence, prefilled
+    # in chunks of get_max_seq_len as ExecuTorch's runners do); a longer call is refused
     prog.load_method("reset_caches").execute([])
-    (last,) = prog.load_method("forward").execute([ids, torch.tensor([0])])
+    forward = prog.load_method("forward")
+    (max_seq_len,) = prog.load_method("get_max_seq_len").execute([])
+    assert max_seq_len == MAX_CHUNK
+    for a, b in zip(bounds, bounds[1:]):
+        (last,) = forward.execute([ids[:, a:b], torch.tensor([a])])
     assert last.shape == (1, 1, ref.logits.shape[-1]) and rel(last[0, 0], ref.logits[0, -1]) < 1e-4
+    with pytest.raises(Exception):
+        forward.execute([ids[:, : MAX_CHUNK + 1], torch.tensor([0])])
     # candidates only: both fill the rest with the same constant
     cand = ref_logits > -1e29
     assert torch.equal(cand, logits > -1e29)
@@ -157,6 +171,7 @@ def test_backend_greedy_and_speculative_tokens_match_reference(artifacts, prompt
     from runtime.parity import rollback_check
 
     backend = ExecuTorchBackend(artifacts[0])
+    assert backend.prefill_chunk == MAX_CHUNK  # the program's bound, below the default 256
     assert greedy_generate(backend, prompt, NEW_TOKENS)[0] == reference_greedy
     for k in (1, 2, 3, 4):
         tokens, stats, timer = speculative_generate(backend, prompt, NEW_TOKENS, k)

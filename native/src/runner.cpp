@@ -97,7 +97,10 @@ struct gemma4_spec_runner {
     if (!hid.ok()) throw Error(std::string(path) + ": target_step has no hidden-state output");
     auto sizes = hid->sizes();
     hidden = sizes[sizes.size() - 1];
-    prefill_chunk = chunk > 0 ? std::min<int64_t>(chunk, max_context) : std::min<int64_t>(256, max_context);
+    // tokens per target call: at most the program's bound (get_max_seq_len), and the context
+    int64_t max_chunk = max_context;
+    if (names.get().count("get_max_seq_len")) max_chunk = std::min(max_chunk, run(*module, "get_max_seq_len", {})[0].toInt());
+    prefill_chunk = static_cast<int>(chunk > 0 ? std::min<int64_t>(chunk, max_chunk) : std::min<int64_t>(256, max_chunk));
   }
 
   void reset() {
