@@ -245,6 +245,7 @@ class ExecuTorchExamplePeer:
     max_draft = None
 
     def __init__(self, pte: Path, hidden: int, vocab: int):
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (the SDPA kernel it calls)
         from executorch.runtime import Runtime
 
         self.method = Runtime.get().load_program(str(pte)).load_method("text_decoder")
