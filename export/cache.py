@@ -68,11 +68,21 @@ def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: in
     print(f"[export] {kind} artifacts for {checkpoint} -> {final} (cached for later runs)", flush=True)
     # a quantized program's target is quantized as it is read (bounded memory)
     target, drafter = load_pair(checkpoint, assistant, quantization=extra.get("quantization"))
-    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=CACHE_ROOT))
-    try:
+
+    def build(tmp: Path):
         write(target, drafter, tmp, max_context, max_draft, **extra)
         copy_tokenizer(checkpoint, tmp)
+
+    return build_atomically(final, build)
+
+
+def build_atomically(final: Path, build) -> Path:
+    """build(tmp) fills a temporary folder beside `final`, which is then renamed into place:
+    an interrupted build never leaves a half-written entry."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

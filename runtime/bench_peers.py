@@ -39,7 +39,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +49,9 @@ from runtime.loop import greedy_generate
 REPO = Path(__file__).resolve().parent.parent
 PEER_CACHE = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "exports"))
 OURS = ("onnx", "executorch")
-# which peer each of our backends is held against (same runtime family)
-PEER_OF = {"executorch": "executorch-example", "onnx": "mobius"}
+# ours / peer ratios reported, each of our backends against its own family's peer first
+PAIRS = [("executorch", "executorch-example"), ("onnx", "mobius"), ("onnx", "executorch-example"),
+         ("executorch", "mobius")]
 
 
 # ----------------------------------------------------------------------------- peers: builds
@@ -96,17 +96,9 @@ def _peer_dir(kind: str, checkpoint: Path, **settings) -> Path:
 
 
 def _atomic_build(final: Path, marker: str, build) -> Path:
-    if (final / marker).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    from export.cache import build_atomically
+
+    return final if (final / marker).is_file() else build_atomically(final, build)
 
 
 def executorch_example_config(checkpoint: Path, max_seq_len: int):
@@ -351,21 +343,15 @@ def summarize(raw: dict) -> dict:
                 "tokens_equal_transformers": bool(e["tokens_equal"]),
             }
         ratios = {}
-        for ours in OURS:
-            for peer in PEER_OF.values():
-                if ours in by_backend and peer in by_backend:
-                    a, b = by_backend[ours], by_backend[peer]
-                    ratios[f"{ours}/{peer}"] = {
-                        kind: round(statistics.median(x / y for x, y in zip(a[kind], b[kind])), 3)
-                        for kind in ("prefill_ms", "decode_ms")
-                    }
-        out[str(n)] = {"backends": rows, "ratios": ours_first(ratios)}
+        for ours, peer in PAIRS:
+            if ours in by_backend and peer in by_backend:
+                a, b = by_backend[ours], by_backend[peer]
+                ratios[f"{ours}/{peer}"] = {
+                    kind: round(statistics.median(x / y for x, y in zip(a[kind], b[kind])), 3)
+                    for kind in ("prefill_ms", "decode_ms")
+                }
+        out[str(n)] = {"backends": rows, "ratios": ratios}
     return out
-
-
-def ours_first(ratios: dict) -> dict:
-    """Each of our backends against its own family's peer first."""
-    return dict(sorted(ratios.items(), key=lambda kv: PEER_OF[kv[0].split("/")[0]] != kv[0].split("/")[1]))
 
 
 def print_table(summary: dict, new_tokens: int) -> None:
