@@ -134,11 +134,9 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
     }
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor, ops: "Ops") -> torch.Tensor:
     """x: [1, N, heads, d]; cos/sin: [N, 1, d]; rot from `_rotate_matrix(d)`."""
-    d = x.shape[-1]
-    rotated = torch.mm(x.reshape(-1, d), rot).reshape(_dyn(x.shape))
-    return x * cos + rotated * sin
+    return x * cos + ops.rotate(x, rot) * sin
 
 
 def _dyn(shape) -> list[int]:
@@ -175,7 +173,9 @@ class Ops:
     """The few places where the best graph differs between backends.
 
     onnxruntime (`xnnpack=False`): RMSNorm as x / sqrt(mean(x^2) + eps) * w, the pattern it
-    fuses into one SimplifiedLayerNormalization; GELU as the opset-20 tanh Gelu.
+    fuses into one SimplifiedLayerNormalization (a norm without a scale multiplies by ones so
+    that it fuses too: 1 node instead of 5); GELU as the opset-20 tanh Gelu; rotate-half as a
+    linear map on the 4-D heads tensor (one MatMul; `mm` would add a reshape either side).
     ExecuTorch/XNNPACK (`xnnpack=True`): the mean of squares over rows viewed as a 4-D
     [1, rows, 1, d] (XNNPACK 1.5.1 takes `mean` only over the two inner dims of a 4-D tensor,
     so any other norm would split the delegate); tanh-GELU spelled out in elementary ops (its GELU is the
@@ -191,7 +191,16 @@ class Ops:
             y = (x4 / torch.sqrt(x4.mul(x4).mean(dim=(2, 3), keepdim=True) + norm.eps)).reshape(_dyn(shape))
         else:
             y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
-        return y * norm.weight if norm.with_scale else y
+        if norm.with_scale:
+            return y * norm.weight
+        return y if self.xnnpack else y * torch.ones(y.shape[-1], dtype=y.dtype)
+
+    def rotate(self, x, rot):
+        """x @ rot over the last dim of x [1, N, heads, d]."""
+        if self.xnnpack:  # mm over 2-D rows: the form the XNNPACK lowering is tested with
+            d = x.shape[-1]
+            return torch.mm(x.reshape(-1, d), rot).reshape(_dyn(x.shape))
+        return torch.nn.functional.linear(x, rot.t())
 
     def gelu(self, x):
         return gelu_tanh(x, elementary=self.xnnpack)
@@ -245,9 +254,14 @@ def _attend(q, kt, v, bias):
     there is a single KV head."""
     n, heads, d = q.shape[1], q.shape[2], q.shape[3]
     kvh = kt.shape[0]
-    rows = q.reshape(-1, kvh, heads // kvh, d).transpose(0, 1).reshape(kvh, -1, d)  # [kvh, N*group, d]
+    if kvh == 1:  # one group: the (token, head) rows are q's own order, no transposes
+        rows = q.reshape(1, -1, d)
+    else:
+        rows = q.reshape(-1, kvh, heads // kvh, d).transpose(0, 1).reshape(kvh, -1, d)  # [kvh, N*group, d]
     scores = torch.bmm(rows, kt) + bias  # [kvh, N*group, T]
     out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kvh, N*group, d]
+    if kvh == 1:
+        return out.reshape(1, -1, heads * d)
     return out.reshape(kvh, -1, heads // kvh * d).transpose(0, 1).reshape(1, -1, heads * d)
 
 
@@ -353,9 +367,9 @@ class TargetStep(nn.Module):
             rot = getattr(self, f"rot_{lt}")
             x = self.ops.rms(layer.input_layernorm, h)
             # RoPE on [1, N, heads, d] (cos/sin [N, 1, d]); q stays token-major for _attend
-            q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot)
+            q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot, self.ops)
             if i < a.first_shared_layer:
-                k = _rope(self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim)), cos, sin, rot).transpose(1, 2)
+                k = _rope(self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim)), cos, sin, rot, self.ops).transpose(1, 2)
                 v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), attn.head_dim)).transpose(1, 2)
                 past_k, past_v = caches[2 * i], caches[2 * i + 1]
                 if lt == FULL:

@@ -16,8 +16,10 @@ before it can take the machine):
    without mlock as an app loads it: greedy tokens on a prompt past the sliding window, peak
    resident memory, and how much of it is pages of the mapped program file (the token and
    PLE tables are portable-kernel constants read row by row from the map);
+   `onnx-run`: our onnxruntime backend over each ONNX export, in its own measured process:
+   greedy tokens on the same prompt and its peak resident memory;
 4. `reference`: transformers' greedy tokens for the same prompt where the fp32 pair fits, to
-   compare with each fp32 program's tokens. Random weights make the quality gates
+   compare with every run's tokens (both formats). Random weights make the quality gates
    meaningless: they are not run (the report says so);
 5. every figure fitted as a + b * layers over the depths measured and extrapolated to 42;
    `size_check.json` and `size_check.png` under OUT.
@@ -196,6 +198,15 @@ def stage_onnx(checkpoint: Path, assistant: Path, target: str, out: Path) -> dic
     return {"quantization": build_onnx(plan, Path(out)).quantization}
 
 
+def stage_onnx_run(artifacts: Path, prompt: list[int], new_tokens: int) -> dict:
+    """Greedy tokens of our onnxruntime backend over an ONNX export (no torch needed)."""
+    from runtime.loop import greedy_generate
+    from runtime.onnx_backend import OnnxBackend
+
+    tokens, _, _ = greedy_generate(OnnxBackend(artifacts), prompt, new_tokens)  # no EOS stop, as the reference
+    return {"tokens": tokens}
+
+
 def stage_reference(checkpoint: Path, assistant: Path, prompt: list[int], new_tokens: int) -> dict:
     """transformers' greedy tokens (fp32) for the prompt."""
     from export.checkpoint import load_pair
@@ -274,6 +285,15 @@ def run_native(cli: Path, pte: Path, prompt: list[int], new_tokens: int) -> dict
     return {"tokens": [int(t) for t in lines[:-1]], **json.loads(lines[-1])}
 
 
+def run_onnx(art: Path, d: Path, new_tokens: int, limit: int) -> dict:
+    """The `onnx-run` stage over one ONNX export: its tokens and its measured figures."""
+    out = art.parent / "onnx_run.json"
+    st = measure(_stage_argv("onnx-run", art, d / "prompt.json", new_tokens, out), art.parent / "onnx-run.log", limit)
+    if st["exit_status"] != 0 or not out.is_file():
+        return {"error": f"exit {st['exit_status']} ({st['stopped'] or 'see ' + st['log']})"}
+    return {**json.loads(out.read_text()), "peak_rss_bytes": st["peak_rss_bytes"], "seconds": st["seconds"]}
+
+
 # ---------------------------------------------------------------------------- the check
 
 
@@ -287,7 +307,7 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
     d = out / f"layers-{layers}"
     d.mkdir(parents=True, exist_ok=True)
     pair = d / "pair"
-    res: dict = {"layers": layers, "stages": {}, "artifact_bytes": {}, "run": {}, "skipped": {}}
+    res: dict = {"layers": layers, "stages": {}, "artifact_bytes": {}, "run": {}, "onnx_run": {}, "skipped": {}}
     done = pair / "complete"
     if done.is_file():
         print(f"[size-check] {layers} layers: reusing the checkpoint in {pair}", flush=True)
@@ -313,9 +333,12 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
                 print(f"[size-check] {layers} layers: native runner over {target}'s program", flush=True)
                 res["run"][target] = run_native(cli, art / "pair.pte", prompt, new_tokens)
         if cfg.onnx is not None:
-            _export_stage(res, "onnx", target, pair, d, limit, 2 * fp32 > limit and (
+            art = _export_stage(res, "onnx", target, pair, d, limit, 2 * fp32 > limit and (
                 f"the ONNX exporter still traces the fp32 pair (about 2x its {fp32 / GiB:.1f} GiB) "
                 f"> the {limit / GiB:.1f} GiB limit: a bounded-memory ONNX export is not built yet"))
+            if art is not None:
+                print(f"[size-check] {layers} layers: onnxruntime over {target}'s graphs", flush=True)
+                res["onnx_run"][target] = run_onnx(art, d, new_tokens, limit)
     if 1.3 * fp32 < limit:
         print(f"[size-check] {layers} layers: transformers' greedy tokens (fp32)", flush=True)
         ref_file = d / "reference.json"
@@ -326,7 +349,7 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
         if ref_file.is_file():
             ref = json.loads(ref_file.read_text())["tokens"]
             res["reference_tokens"] = ref
-            for target, run in res["run"].items():
+            for run in [*res["run"].values(), *res["onnx_run"].values()]:
                 if "tokens" in run:
                     run["equal_to_transformers"] = run["tokens"] == ref
     else:
@@ -362,6 +385,9 @@ def figures(depth: dict) -> dict[str, float]:
             f[f"{name}.seconds"] = st["seconds"]
     for name, files in depth["artifact_bytes"].items():
         f[f"{name}.bytes"] = sum(files.values())
+    for target, run in depth.get("onnx_run", {}).items():
+        if "peak_rss_bytes" in run:
+            f[f"onnx-run-{target}.peak_rss_bytes"] = run["peak_rss_bytes"]
     for target, run in depth["run"].items():
         if "peak_rss_bytes" in run:
             f[f"run-{target}.peak_rss_bytes"] = run["peak_rss_bytes"]
@@ -498,6 +524,9 @@ def _print_table(depths: list[dict], fits: dict) -> None:
         for target, run in d["run"].items():
             if "equal_to_transformers" in run:
                 print(f"{d['layers']} layers, {target} program: tokens equal transformers greedy: {run['equal_to_transformers']}")
+        for target, run in d.get("onnx_run", {}).items():
+            if "equal_to_transformers" in run:
+                print(f"{d['layers']} layers, {target} ONNX graphs: tokens equal transformers greedy: {run['equal_to_transformers']}")
 
 
 def _stage_main(argv: list[str]) -> int:
@@ -508,6 +537,9 @@ def _stage_main(argv: list[str]) -> int:
         print(json.dumps(stage_executorch(Path(rest[0]), Path(rest[1]), rest[2], Path(rest[3])), default=str)[:2000])
     elif kind == "onnx":
         print(json.dumps(stage_onnx(Path(rest[0]), Path(rest[1]), rest[2], Path(rest[3])), default=str)[:2000])
+    elif kind == "onnx-run":
+        prompt = json.loads(Path(rest[1]).read_text())
+        Path(rest[3]).write_text(json.dumps(stage_onnx_run(Path(rest[0]), prompt, int(rest[2]))))
     elif kind == "reference":
         prompt = json.loads(Path(rest[2]).read_text())
         Path(rest[4]).write_text(json.dumps(stage_reference(Path(rest[0]), Path(rest[1]), prompt, int(rest[3]))))

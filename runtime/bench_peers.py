@@ -24,7 +24,9 @@ Two adaptations make each peer read a transformers 5.23 checkpoint, done here an
 Measured, for a short prompt and a long one (past the sliding window), all backends
 interleaved within each repeat: prefill (the whole prompt to the first token's logits) and
 the mean decode step of a greedy run (`--new-tokens`), each backend's tokens compared with
-transformers' greedy tokens; ratios ours / peer per repeat, medians over repeats. A table on
+transformers' greedy tokens; ratios ours / peer per repeat, medians over repeats. Beside
+them, `onnx-unbound`: our onnxruntime backend with `io_binding=False` (the ratio
+onnx / onnx-unbound is what binding the caches gains). A table on
 stdout, `bench_peers.json` and `bench_peers.png` under `--out`. Exit status 1 when one of
 *our* backends' tokens differ from transformers (a peer's mismatch is reported, not fatal).
 """
@@ -51,7 +53,10 @@ PEER_CACHE = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "expor
 OURS = ("onnx", "executorch")
 # ours / peer ratios reported, each of our backends against its own family's peer first
 PAIRS = [("executorch", "executorch-example"), ("onnx", "mobius"), ("onnx", "executorch-example"),
-         ("executorch", "mobius")]
+         ("executorch", "mobius"), ("onnx", "onnx-unbound")]
+# our onnxruntime backend without I/O binding (caches fed and returned as fresh arrays each
+# call): the same export, measured beside the bound default to show what the binding gains
+BASELINES = {"onnx-unbound": "onnx"}
 
 
 # ----------------------------------------------------------------------------- peers: builds
@@ -432,8 +437,11 @@ def main(argv=None) -> int:
     pair = ReferencePair(target, drafter)
     reference = {n: pair.generate(ids, args.new_tokens, 0, stop_at_eos=False)[0] for n, ids in prompts.items()}
     del target, drafter, pair
+    from runtime.onnx_backend import OnnxBackend
+
     backends = {"executorch": ours["executorch"], "executorch-example": peers["executorch-example"],
-                "onnx": ours["onnx"], "mobius": peers["mobius"]}
+                "onnx": ours["onnx"], "mobius": peers["mobius"],
+                "onnx-unbound": OnnxBackend(ours["onnx"].dir, io_binding=False)}
     print(f"bench-peers: {args.checkpoint}, prompts {args.short} and {args.long} tokens, {args.repeats} repeats", flush=True)
     raw = run(backends, prompts, reference, args.new_tokens, args.repeats)
     summary = summarize(raw)
@@ -453,7 +461,7 @@ def main(argv=None) -> int:
     plot(summary, args.out / "bench_peers.png")
     print(f"wrote {args.out / 'bench_peers.json'} and {args.out / 'bench_peers.png'}")
     bad = [f"{name} ({n} tokens)" for n, e in summary.items() for name, r in e["backends"].items()
-           if name in OURS and not r["tokens_equal_transformers"]]
+           if (name in OURS or name in BASELINES) and not r["tokens_equal_transformers"]]
     if bad:
         print(f"FAIL: our tokens differ from transformers greedy: {', '.join(bad)}", file=sys.stderr)
         return 1

@@ -3,7 +3,12 @@ onnxruntime and the artifacts' layout.json only, so it runs where torch is absen
 
 Steps per call:
 - `target(ids, start)`: embed graph (ids -> embeddings, PLE rows), then the target graph in
-  chunks of at most `prefill_chunk` tokens, its present caches becoming the next past;
+  chunks of at most `prefill_chunk` tokens, its present caches becoming the next past.
+  The caches live in two preallocated sets of buffers that the target session is bound to
+  (I/O binding): a call reads the past from one set and writes the present into the other,
+  then the two swap, so no cache is allocated, copied in or copied out per call
+  (`io_binding=False`: plain `run` with the caches as numpy feeds and fresh outputs, kept
+  as the baseline `make bench-peers` measures the binding against);
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
   drafter graph over the target's producer caches (last full and last sliding owner);
 - `draft_tokens(token, state, position, k)`: a whole drafting round in one call of
@@ -51,8 +56,10 @@ def _session(path: Path, threads: int | None, shared: dict | None = None) -> ort
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, artifacts: str | Path, threads: int | None = None, prefill_chunk: int = 256):
+    def __init__(self, artifacts: str | Path, threads: int | None = None, prefill_chunk: int = 256,
+                 io_binding: bool = True):
         self.dir = Path(artifacts)
+        self.io_binding = io_binding
         layout_file = self.dir / LAYOUT_FILE
         if not layout_file.is_file():
             raise ArtifactError(f"{layout_file} not found: {self.dir} is not an ONNX export of this toolchain")
@@ -78,7 +85,10 @@ class OnnxBackend:
         self.eos_token_ids = tuple(self.layout["eos_token_ids"])
         self.max_draft = self.layout["max_draft"]
         self.vocab_size = self.layout["vocab_size"]
-        self.caches: dict[str, np.ndarray] = {}
+        self.result_names = [o.name for o in self.target_sess.get_outputs()][:2]  # logits, last_hidden_state
+        self.present_names = [o.name for o in self.target_sess.get_outputs()][2:]
+        self.caches: dict[str, np.ndarray] = {}  # the past of the next call
+        self._spare: dict[str, np.ndarray] = {}  # where the next bound call writes its present
         self.reset()
 
     def _load_shared(self) -> list[tuple[dict, ort.OrtValue, np.ndarray]]:
@@ -104,6 +114,8 @@ class OnnxBackend:
     def reset(self) -> None:
         shapes = self.layout["cache_shapes"]
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
+        if self.io_binding:
+            self._spare = {name: np.zeros_like(a) for name, a in self.caches.items()}
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})
@@ -124,13 +136,33 @@ class OnnxBackend:
                 "per_layer_inputs": ple,
                 "position_ids": np.arange(pos, start + b, dtype=np.int64)[None],
                 "logit_index": rows,
-                **self.caches,
             }
-            out = self.target_sess.run(None, feed)
-            logits = out[0][0]
-            hidden.append(out[1][0])
-            self.caches = dict(zip(self.past_names, out[2:]))
+            if self.io_binding:
+                logits, h = self._bound_run(feed)
+            else:
+                out = self.target_sess.run(None, {**feed, **self.caches})
+                logits, h = out[0][0], out[1][0]
+                self.caches = dict(zip(self.past_names, out[2:]))
+            hidden.append(h)
         return logits, np.concatenate(hidden)
+
+    def _bound_run(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
+        """One target call over the bound cache buffers: past from `caches`, present into
+        `_spare` (never the same buffer: a prefill chunk's ring write replaces slots that
+        its own earlier queries still read), then the two sets swap."""
+        io = self.target_sess.io_binding()
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+        for name in self.result_names:  # bound first: get_outputs() follows the binding order
+            io.bind_output(name)
+        for past, present in zip(self.past_names, self.present_names):
+            src, dst = self.caches[past], self._spare[past]
+            io.bind_input(past, "cpu", 0, np.float32, list(src.shape), src.ctypes.data)
+            io.bind_output(present, "cpu", 0, np.float32, list(dst.shape), dst.ctypes.data)
+        self.target_sess.run_with_iobinding(io)
+        logits, hidden = io.get_outputs()[:2]
+        self.caches, self._spare = self._spare, self.caches
+        return logits.numpy()[0], hidden.numpy()[0]
 
     def _shared_kv_feed(self, feed: dict) -> dict:
         for name, cache in self.shared_names.items():

@@ -137,6 +137,10 @@ def _size_rows(name: str, data: dict) -> list[str]:
                 )
             if "equal_to_transformers" in run:
                 parts.append(f"{target} tokens == transformers greedy: {run['equal_to_transformers']}")
+        for target, run in d.get("onnx_run", {}).items():
+            if "equal_to_transformers" in run:
+                parts.append(f"onnxruntime run ({target}): peak RSS {run['peak_rss_bytes'] / gb:.2f} GB, "
+                             f"tokens == transformers greedy: {run['equal_to_transformers']}")
         parts += [f"{k} skipped ({why})" for k, why in d["skipped"].items()]
         rows.append(f"| size check ({name}): E4B widths, {d['layers']} layers, random weights | {'; '.join(parts)} | "
                     f"{_command(data)} |")

@@ -116,6 +116,8 @@ def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_
             (out / "pair.pte").write_bytes(b"x" * 10)
         if kind == "reference":
             Path(argv[-1]).write_text(json.dumps({"tokens": [5, 6]}))
+        if kind == "onnx-run":  # the ONNX graphs' greedy run: one token off the reference
+            Path(argv[-1]).write_text(json.dumps({"tokens": [5, 7]}))
         return {"seconds": 1.0, "peak_rss_bytes": 100, "exit_status": 0, "stopped": None, "progress": [], "log": ""}
 
     monkeypatch.setattr(sc, "measure", fake_measure)
@@ -131,3 +133,6 @@ def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_
     assert sc.figures(res)["run-android.rss_excluding_program_map_bytes"] == 5
     roomy = sc.check_depth(6, tmp_path, ["linux-x86_64"], limit=1000, cli=None, new_tokens=2)
     assert {"executorch-linux-x86_64", "onnx-linux-x86_64", "reference"} == set(roomy["stages"]) and not roomy["run"]
+    onnx_run = roomy["onnx_run"]["linux-x86_64"]  # the ONNX export is run and its tokens compared
+    assert onnx_run["tokens"] == [5, 7] and onnx_run["equal_to_transformers"] is False
+    assert sc.figures(roomy)["onnx-run-linux-x86_64.peak_rss_bytes"] == 100
