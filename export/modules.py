@@ -351,11 +351,14 @@ class TargetStep(nn.Module):
         slots = self.layout.ring_slots
         last = start + n - 1
         newest = last - torch.remainder(last - torch.arange(slots) + slots, slots)
-        take = newest >= start  # [slots]
+        # built once per call, not per cache: torch.export does not merge repeated
+        # subexpressions, and outside the delegate each is a kernel call per step
+        take = (newest >= start)[None, None, :, None]  # [1, 1, slots, 1]
         src = torch.clamp(newest - start, min=0)  # index into the N new entries
+        slot_index = {}  # full caches: the scatter index, built at the first full owner
 
         def ring_write(past, new):
-            return torch.where(take[None, None, :, None], new.index_select(2, src), past)
+            return torch.where(take, new.index_select(2, src), past)
 
         present = []
         shared_kv = {}
@@ -375,7 +378,9 @@ class TargetStep(nn.Module):
                 if lt == FULL:
                     # scatter along the slot axis (ScatterElements; index_copy exports as
                     # transpose + ScatterND + transpose, copying the cache three times)
-                    idx = positions[None, None, :, None].expand(k.shape)
+                    if not slot_index:  # every full cache has the same shape
+                        slot_index[FULL] = positions[None, None, :, None].expand(k.shape)
+                    idx = slot_index[FULL]
                     k_all = past_k.scatter(2, idx, k)
                     v_all = past_v.scatter(2, idx, v)
                     present += [k_all, v_all]

@@ -116,6 +116,9 @@ class OnnxBackend:
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
         if self.io_binding:
             self._spare = {name: np.zeros_like(a) for name, a in self.caches.items()}
+            # one binding per direction, its caches bound once: a call rebinds only its own
+            # inputs (embeddings, PLE rows, positions, logit rows) and result outputs
+            self._bindings = [self._bind_caches(self.caches, self._spare), self._bind_caches(self._spare, self.caches)]
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})
@@ -146,22 +149,29 @@ class OnnxBackend:
             hidden.append(h)
         return logits, np.concatenate(hidden)
 
+    def _bind_caches(self, past: dict, present: dict):
+        io = self.target_sess.io_binding()
+        for name in self.result_names:  # first: get_outputs() lists outputs in binding order
+            io.bind_output(name)
+        for p, q in zip(self.past_names, self.present_names):
+            src, dst = past[p], present[p]
+            io.bind_input(p, "cpu", 0, np.float32, list(src.shape), src.ctypes.data)
+            io.bind_output(q, "cpu", 0, np.float32, list(dst.shape), dst.ctypes.data)
+        return io
+
     def _bound_run(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
         """One target call over the bound cache buffers: past from `caches`, present into
         `_spare` (never the same buffer: a prefill chunk's ring write replaces slots that
-        its own earlier queries still read), then the two sets swap."""
-        io = self.target_sess.io_binding()
+        its own earlier queries still read), then the two sets (and bindings) swap."""
+        io = self._bindings[0]
         for name, value in feed.items():
             io.bind_cpu_input(name, value)
-        for name in self.result_names:  # bound first: get_outputs() follows the binding order
+        for name in self.result_names:  # rebound in place: a fresh array per call (row count varies)
             io.bind_output(name)
-        for past, present in zip(self.past_names, self.present_names):
-            src, dst = self.caches[past], self._spare[past]
-            io.bind_input(past, "cpu", 0, np.float32, list(src.shape), src.ctypes.data)
-            io.bind_output(present, "cpu", 0, np.float32, list(dst.shape), dst.ctypes.data)
         self.target_sess.run_with_iobinding(io)
         logits, hidden = io.get_outputs()[:2]
         self.caches, self._spare = self._spare, self.caches
+        self._bindings.reverse()
         return logits.numpy()[0], hidden.numpy()[0]
 
     def _shared_kv_feed(self, feed: dict) -> dict:
