@@ -346,6 +346,7 @@ def summarize(raw: dict) -> dict:
                 "prefill_ms": round(statistics.median(e["prefill_ms"]), 3),
                 "decode_ms": round(statistics.median(e["decode_ms"]), 4),
                 "tokens_equal_transformers": bool(e["tokens_equal"]),
+                "runs": {kind: [round(x, 4) for x in e[kind]] for kind in ("prefill_ms", "decode_ms")},
             }
         ratios = {}
         for ours, peer in PAIRS:

@@ -60,7 +60,8 @@ def test_ratios_are_per_repeat_medians():
         "mobius": {"prefill_ms": [5.0, 40.0, 20.0], "decode_ms": [2.0, 2.0, 2.0], "tokens_equal": False},
     }}
     s = bench_peers.summarize(raw)["80"]
-    assert s["backends"]["onnx"] == {"prefill_ms": 20.0, "decode_ms": 2.0, "tokens_equal_transformers": True}
+    assert s["backends"]["onnx"] == {"prefill_ms": 20.0, "decode_ms": 2.0, "tokens_equal_transformers": True,
+                                     "runs": {"prefill_ms": [10.0, 20.0, 40.0], "decode_ms": [1.0, 2.0, 4.0]}}
     assert s["backends"]["mobius"]["tokens_equal_transformers"] is False
     # per repeat: prefill 2.0, 0.5, 2.0 -> 2.0 (the ratio of medians would be 20/20 = 1.0)
     assert s["ratios"] == {"onnx/mobius": {"prefill_ms": 2.0, "decode_ms": 1.0}}
