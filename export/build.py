@@ -313,15 +313,17 @@ def build_onnx(p: Plan, d: Path) -> FormatBuild:
 
         # last graph first: a graph's shared tensors live in files of graphs before it,
         # so each one is read before its file is rewritten; then shared again
+        r = ox.recipe(p.target.config.hidden_size)
         graphs = [g for g in graph_order(d) if g != "embed.onnx"]
-        counts = {g: quantize_onnx_graph(d / g, ox.block_size, ox.keep_8bit) for g in reversed(graphs)}
+        counts = {g: quantize_onnx_graph(d / g, r["block_size"], r["keep_8bit"], r["method"]) for g in reversed(graphs)}
         counts = {g: counts[g] for g in graphs}
-        check_keep_8bit(ox.keep_8bit, {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
+        check_keep_8bit(r["keep_8bit"], {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
         share_weights(d)
         quant["onnx"] = {
             "linear": "int4 MatMulNBits",
-            "block_size": ox.block_size,
-            "keep_8bit": list(ox.keep_8bit),
+            "block_size": r["block_size"],
+            "keep_8bit": r["keep_8bit"],
+            "method": r["method"],
             "matmuls": counts,
         }
         print(f"      MatMulNBits: {counts}", flush=True)

@@ -20,6 +20,10 @@ TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 PTE_LINEAR = ("fp32", "8da4w")
 PTE_EMBEDDING = ("fp32", "int8", "int4")
 ONNX_LINEAR = ("fp32", "int4")
+# MatMulNBits weights (export/quantize_onnx.py): "hqq": HQQ scales and zero points, fp32
+# compute; "rtn-a8": symmetric round-to-nearest, no zero points, int8 activations
+# (accuracy_level 4), onnxruntime's fast path
+ONNX_METHODS = ("hqq", "rtn-a8")
 
 
 class TargetError(ValueError):
@@ -58,12 +62,27 @@ class OnnxSpec:
     linear: str = "fp32"
     block_size: int = 32
     keep_8bit: tuple[str, ...] = ()
+    method: str = "hqq"  # how MatMulNBits weights are made and computed (ONNX_METHODS)
     # layouts for other clients written beside the graphs (export/client_layouts.py)
     clients: tuple[str, ...] = ()
+    # models at least this wide (hidden size) use the wide_* settings instead, where given
+    wide_from_hidden: int | None = None
+    wide_keep_8bit: tuple[str, ...] | None = None
+    wide_method: str | None = None
 
     @property
     def quantized(self) -> bool:
         return self.linear != "fp32"
+
+    def recipe(self, hidden_size: int) -> dict | None:
+        """The MatMulNBits quantization of export/quantize_onnx.py for a model of this hidden
+        size (None: fp32)."""
+        if not self.quantized:
+            return None
+        wide = self.wide_from_hidden is not None and hidden_size >= self.wide_from_hidden
+        keep = self.wide_keep_8bit if wide and self.wide_keep_8bit is not None else self.keep_8bit
+        method = self.wide_method if wide and self.wide_method else self.method
+        return {"block_size": self.block_size, "keep_8bit": list(keep), "method": method}
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,9 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
             raise TargetError(f"{where} [onnx] block_size must be a power of two >= 16")
         for client in ox.clients:
             _choice(client, CLIENTS, f"{where} [onnx] clients")
+        _choice(ox.method, ONNX_METHODS, f"{where} [onnx] method")
+        if ox.wide_method is not None:
+            _choice(ox.wide_method, ONNX_METHODS, f"{where} [onnx] wide_method")
     if et is None and ox is None:
         raise TargetError(f"{where}: no format; add an [executorch] and/or an [onnx] table")
     if "gates" not in data:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.targets import TargetError, known_targets, load_target
+from export.targets import TARGETS_DIR, TargetError, known_targets, load_target
 
 
 def test_shipped_targets_load():
@@ -54,3 +54,19 @@ def test_wide_models_get_the_wide_recipe():
     assert narrow == {"linear": "8da4w", "group_size": 32, "embedding": "int8", "keep_8bit": ["lm_head", "self_attn", "per_layer"]}
     assert wide == {"linear": "8da4w", "group_size": 32, "embedding": "int4", "keep_8bit": []}
     assert load_target("linux-x86_64").executorch.recipe(2560) is None  # fp32
+
+
+def test_wide_models_get_the_fast_onnx_recipe():
+    """android's ONNX graphs: the demo keeps HQQ and its 8-bit exceptions; real widths get
+    every linear at 4 bits by symmetric round-to-nearest with int8 compute (rtn-a8)."""
+    ox = load_target("android").onnx
+    assert ox.recipe(128) == {"block_size": 32, "keep_8bit": ["lm_head", "self_attn", "per_layer"], "method": "hqq"}
+    assert ox.recipe(2560) == {"block_size": 32, "keep_8bit": [], "method": "rtn-a8"}
+    assert load_target("linux-x86_64").onnx.recipe(2560) is None  # fp32
+
+
+def test_unknown_onnx_method_is_refused(tmp_path):
+    text = (TARGETS_DIR / "android.toml").read_text().replace('wide_method = "rtn-a8"', 'wide_method = "gptq"')
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(TargetError, match=r"wide_method = 'gptq'; expected one of \['hqq', 'rtn-a8'\]"):
+        load_target("bad", tmp_path)
