@@ -16,12 +16,15 @@ methods (the target file's `method` / `wide_method`):
   differ by ~1e-5 between the two), which is what keeps a speculative verify pass and a
   decode step on the same numbers.
 
+`python -m export.quantize_onnx --bench K N` measures these on one K x N linear.
+
 Kept apart from export/quantize.py so that the cached ExecuTorch programs (keyed by their
 exporter's sources) do not depend on it.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 ACCURACY_LEVEL = {"hqq": 0, "rtn-a8": 4}  # onnxruntime's MatMulNBits accuracy_level per method
@@ -90,3 +93,90 @@ def quantize_onnx_graph(path: Path, block_size: int, keep_8bit: list[str] | tupl
         data.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     return {**{f"int{bits}": n for bits, n in done.items()}, "keep_8bit_matched": sorted(matched)}
+
+
+def bench(k: int, n: int, rows=(1, 5, 64), threads: int = 1) -> dict:
+    """Milliseconds per call of one k x n linear: fp32 MatMul against MatMulNBits made by
+    `quantize_onnx_graph` with each method, 4-bit and 8-bit weights, at each row count
+    (best of 5 after a warm-up call, `threads` intra-op threads). Also whether each row's
+    result is identical alone and inside the batch."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(k, n, bias=False)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    x = np.random.RandomState(0).randn(1, max(rows), k).astype(np.float32)
+    out: dict = {"k": k, "n": n, "threads": threads, "ms": {}, "rows_identical_alone_and_in_batch": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "fp32" / "g.onnx"
+        base.parent.mkdir()
+        tokens = torch.export.Dim("tokens", min=1, max=max(rows))
+        with torch.no_grad():
+            torch.onnx.export(Linear().eval(), (torch.zeros(1, 2, k),), input_names=["x"], output_names=["y"],
+                              dynamic_shapes=({1: tokens},), dynamo=True, opset_version=20,
+                              verbose=False).save(str(base), external_data=True)
+        paths = {"fp32": base}
+        for method in ACCURACY_LEVEL:
+            for bits in (4, 8):
+                d = Path(tmp) / f"{method}-int{bits}"
+                shutil.copytree(base.parent, d)
+                quantize_onnx_graph(d / "g.onnx", 32, ["lin"] if bits == 8 else [], method)
+                paths[f"{method} int{bits}"] = d / "g.onnx"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        for name, path in paths.items():
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            out["ms"][name] = {}
+            same = True
+            for r in rows:
+                feed = {"x": x[:, :r]}
+                batch = sess.run(None, feed)[0]
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    times.append(time.perf_counter() - t0)
+                out["ms"][name][r] = round(1000 * min(times), 3)
+                if r > 1:
+                    same &= all(np.array_equal(sess.run(None, {"x": x[:, i : i + 1]})[0][0, 0], batch[0, i]) for i in range(r))
+            out["rows_identical_alone_and_in_batch"][name] = bool(same)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m export.quantize_onnx",
+                                 description="MatMulNBits methods against fp32 on one linear (ms per call)")
+    ap.add_argument("--bench", nargs=2, type=int, metavar=("K", "N"), required=True,
+                    help="the linear's input and output sizes (E4B: 2560 10240 for an MLP, 2560 65536 for a quarter LM head)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    res = bench(*args.bench, threads=args.threads)
+    rows = list(next(iter(res["ms"].values())))
+    print(f"linear {res['k']} x {res['n']}, {res['threads']} thread(s): ms per call")
+    print(f"  {'weights':<14}" + "".join(f"{f'{r} rows':>10}" for r in rows) + "  rows identical alone / in batch")
+    for name, ms in res["ms"].items():
+        print(f"  {name:<14}" + "".join(f"{ms[r]:>10.2f}" for r in rows) + f"  {res['rows_identical_alone_and_in_batch'][name]}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
