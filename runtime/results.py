@@ -140,6 +140,7 @@ def _size_rows(name: str, data: dict) -> list[str]:
         for target, run in d.get("onnx_run", {}).items():
             if "equal_to_transformers" in run:
                 parts.append(f"onnxruntime run ({target}): peak RSS {run['peak_rss_bytes'] / gb:.2f} GB, "
+                             f"prefill {run.get('prefill_ms')} ms, decode {run.get('decode_ms')} ms a step, "
                              f"tokens == transformers greedy: {run['equal_to_transformers']}")
         parts += [f"{k} skipped ({why})" for k, why in d["skipped"].items()]
         rows.append(f"| size check ({name}): E4B widths, {d['layers']} layers, random weights | {'; '.join(parts)} | "
