@@ -372,7 +372,8 @@ class TargetStep(nn.Module):
             # RoPE on [1, N, heads, d] (cos/sin [N, 1, d]); q stays token-major for _attend
             q = _rope(self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), attn.head_dim)), cos, sin, rot, self.ops)
             if i < a.first_shared_layer:
-                k = _rope(self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim)), cos, sin, rot, self.ops).transpose(1, 2)
+                k = self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), attn.head_dim))
+                k = _rope(k, cos, sin, rot, self.ops).transpose(1, 2)
                 v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), attn.head_dim)).transpose(1, 2)
                 past_k, past_v = caches[2 * i], caches[2 * i + 1]
                 if lt == FULL:

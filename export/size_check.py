@@ -17,7 +17,7 @@ before it can take the machine):
    resident memory, and how much of it is pages of the mapped program file (the token and
    PLE tables are portable-kernel constants read row by row from the map);
    `onnx-run`: our onnxruntime backend over each ONNX export, in its own measured process:
-   greedy tokens on the same prompt and its peak resident memory;
+   greedy tokens on the same prompt, prefill and mean decode step, peak resident memory;
 4. `reference`: transformers' greedy tokens for the same prompt where the fp32 pair fits, to
    compare with every run's tokens (both formats). Random weights make the quality gates
    meaningless: they are not run (the report says so);
