@@ -355,7 +355,8 @@ class TargetStep(nn.Module):
         # subexpressions, and outside the delegate each is a kernel call per step
         take = (newest >= start)[None, None, :, None]  # [1, 1, slots, 1]
         src = torch.clamp(newest - start, min=0)  # index into the N new entries
-        slot_index = {}  # full caches: the scatter index, built at the first full owner
+        # full caches: the scatter index of the new entries along the slot axis (one for all)
+        full_index = positions[None, None, :, None].expand(1, a.kv_heads(FULL), n, a.head_dim_of(FULL))
 
         def ring_write(past, new):
             return torch.where(take, new.index_select(2, src), past)
@@ -379,11 +380,8 @@ class TargetStep(nn.Module):
                 if lt == FULL:
                     # scatter along the slot axis (ScatterElements; index_copy exports as
                     # transpose + ScatterND + transpose, copying the cache three times)
-                    if not slot_index:  # every full cache has the same shape
-                        slot_index[FULL] = positions[None, None, :, None].expand(k.shape)
-                    idx = slot_index[FULL]
-                    k_all = past_k.scatter(2, idx, k)
-                    v_all = past_v.scatter(2, idx, v)
+                    k_all = past_k.scatter(2, full_index, k)
+                    v_all = past_v.scatter(2, full_index, v)
                     present += [k_all, v_all]
                 else:
                     k_all = torch.cat([past_k, k], dim=2)
