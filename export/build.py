@@ -299,52 +299,52 @@ def build_executorch(p: Plan, d: Path) -> FormatBuild:
 
 
 def build_onnx(p: Plan, d: Path) -> FormatBuild:
-    """Step 4: the ONNX graphs of the plan's pair, 4-bit MatMulNBits per the target."""
-    from export.onnx_export import copy_tokenizer, export_onnx, graph_order, share_weights
+    """Step 4: the ONNX graphs, quantized per the target as each weight is written: the pair
+    is read again lazily (its large tensors stay in the checkpoint until written, one at a
+    time: bounded memory whatever the model's size)."""
+    from export.checkpoint import load_pair
+    from export.onnx_export import copy_tokenizer, export_onnx
 
     ox = p.cfg.onnx
-    p.stage(4, f"ONNX: graphs, linear {ox.linear}")
-    export_onnx(p.target, p.drafter, d, p.cfg.max_context, p.cfg.max_draft)
+    target, drafter = load_pair(p.checkpoint, p.assistant, lazy=True)
+    r = ox.recipe(target.config.hidden_size)
+    what = "fp32" if r is None else f"linear {r['linear']} ({r['method']}), tables {r['embedding']}"
+    p.stage(4, f"ONNX: graphs, {what}; weights read one at a time from {p.checkpoint}")
+    info = export_onnx(target, drafter, d, p.cfg.max_context, p.cfg.max_draft, r)
     copy_tokenizer(p.checkpoint, d)
     quant = {}
-    if ox.linear == "int4":
+    if r is not None:
         from export.quantize import check_keep_8bit
-        from export.quantize_onnx import quantize_onnx_graph
 
-        # last graph first: a graph's shared tensors live in files of graphs before it,
-        # so each one is read before its file is rewritten; then shared again
-        r = ox.recipe(p.target.config.hidden_size)
-        graphs = [g for g in graph_order(d) if g != "embed.onnx"]
-        counts = {g: quantize_onnx_graph(d / g, r["block_size"], r["keep_8bit"], r["method"]) for g in reversed(graphs)}
-        counts = {g: counts[g] for g in graphs}
-        check_keep_8bit(r["keep_8bit"], {k for c in counts.values() for k in c.pop("keep_8bit_matched")})
-        share_weights(d)
+        graphs = info["quantization"]["graphs"]
+        check_keep_8bit(r["keep_8bit"], {k for c in graphs.values() for k in c.get("keep_8bit_matched", ())})
         quant["onnx"] = {
-            "linear": "int4 MatMulNBits",
+            "linear": "int4 MatMulNBits" if r["linear"] == "int4" else "fp32",
             "block_size": r["block_size"],
             "keep_8bit": r["keep_8bit"],
             "method": r["method"],
-            "matmuls": counts,
+            "embedding": r["embedding"],
+            "matmuls": {g: {k: v for k, v in c.items() if k != "keep_8bit_matched"} for g, c in graphs.items()},
         }
-        print(f"      MatMulNBits: {counts}", flush=True)
-    clients = client_layouts(p, d)
+        print(f"      quantized: {quant['onnx']['matmuls']}", flush=True)
+    clients = client_layouts(ox, target, d)
     return FormatBuild(d, {g.stem: _onnx_io(g) for g in sorted(d.glob("*.onnx"))}, quant, clients)
 
 
-def client_layouts(p: Plan, d: Path) -> dict:
-    """The target's `[onnx] clients` layouts over the finished graphs (export/client_layouts.py):
+def client_layouts(ox, target, d: Path) -> dict:
+    """The target's `[onnx] clients` layouts (ox: its OnnxSpec) over the finished graphs (export/client_layouts.py):
     client -> the files it reads, relative to the artifact folder."""
     from export import client_layouts as cl
 
-    text_config = p.target.config.to_dict()
-    generation = p.target.generation_config.to_dict() if p.target.generation_config is not None else None
-    for client in p.cfg.onnx.clients:
+    text_config = target.config.to_dict()
+    generation = target.generation_config.to_dict() if target.generation_config is not None else None
+    for client in ox.clients:
         if client == "onnxruntime-genai":
             cl.write_genai_layout(d, text_config)
         else:
-            cl.write_transformers_js_layout(d, p.cfg.onnx.linear, text_config, generation)
+            cl.write_transformers_js_layout(d, ox.linear, text_config, generation)
     out = {}
-    for client in p.cfg.onnx.clients:  # once all are written: a layout may rename data files
+    for client in ox.clients:  # once all are written: a layout may rename data files
         out[client] = {"files": cl.client_files(d, client)}
         print(f"      {client}: {', '.join(out[client]['files'])}", flush=True)
     return out

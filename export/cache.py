@@ -23,7 +23,7 @@ DEFAULT_MAX_DRAFT = 4
 _HERE = Path(__file__).parent
 _COMMON = ("config.py", "hf_compat.py", "checkpoint.py", "modules.py", "onnx_export.py")
 EXPORTER_SOURCES = {
-    "onnx": [_HERE / name for name in (*_COMMON, "onnx_data.py")],
+    "onnx": [_HERE / name for name in (*_COMMON, "onnx_data.py", "onnx_weights.py", "quantize_onnx.py")],
     "executorch": [_HERE / name for name in (*_COMMON, "executorch_export.py", "quantize.py")],
 }
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "executorch", "torchao")
@@ -66,8 +66,9 @@ def _cached(kind: str, checkpoint: Path, assistant: Path | None, max_context: in
     from export.onnx_export import copy_tokenizer
 
     print(f"[export] {kind} artifacts for {checkpoint} -> {final} (cached for later runs)", flush=True)
-    # a quantized program's target is quantized as it is read (bounded memory)
-    target, drafter = load_pair(checkpoint, assistant, quantization=extra.get("quantization"))
+    # a quantized program's target is quantized as it is read; ONNX graphs read each weight
+    # when they write it (both bounded memory)
+    target, drafter = load_pair(checkpoint, assistant, quantization=extra.get("quantization"), lazy=kind == "onnx")
 
     def build(tmp: Path):
         write(target, drafter, tmp, max_context, max_draft, **extra)

@@ -269,8 +269,13 @@ def _expected_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# tensors at least this large are left in the checkpoint by a lazy load (`load_pair(lazy=True)`)
+LAZY_MIN_ELEMENTS = 1 << 16
+
+
 def _assign(
-    module, ckpt: SafetensorsCheckpoint, mapping: dict[str, str], dtype: torch.dtype, what: str, quantization=None
+    module, ckpt: SafetensorsCheckpoint, mapping: dict[str, str], dtype: torch.dtype, what: str, quantization=None,
+    lazy: bool = False,
 ):
     expected = _expected_tensors(module)
     by_name = {name: key for key, name in mapping.items()}
@@ -293,7 +298,9 @@ def _assign(
     if problems:
         raise CheckpointError(f"{ckpt.path}: weights do not match the {what} config:\n  - " + "\n  - ".join(problems))
 
-    if quantization is None:
+    if lazy:
+        _assign_lazy(module, ckpt, by_name, expected, dtype)
+    elif quantization is None:
         state = {name: _read(ckpt, by_name[name], dtype) for name in expected}
         module.load_state_dict(state, strict=False, assign=True)
     else:
@@ -303,6 +310,23 @@ def _assign(
 def _read(ckpt: SafetensorsCheckpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
     t = ckpt.get(key)
     return t if not t.is_floating_point() else t.to(dtype)
+
+
+def _assign_lazy(module, ckpt: SafetensorsCheckpoint, by_name: dict, expected: dict, dtype: torch.dtype) -> None:
+    """Floating tensors of at least LAZY_MIN_ELEMENTS become placeholders (one zero expanded
+    to the shape: no memory) and stay in the checkpoint; `module.weight_sources` maps each
+    placeholder's data pointer to (checkpoint, key), from which a graph writer reads it
+    tensor by tensor (export/onnx_weights.py). Tracing needs shapes only."""
+    state, sources = {}, {}
+    for name, t in expected.items():
+        key = by_name[name]
+        if t.is_floating_point() and t.numel() >= LAZY_MIN_ELEMENTS:
+            state[name] = torch.zeros((), dtype=dtype).expand(tuple(t.shape))
+            sources[state[name].data_ptr()] = (ckpt, key)
+        else:
+            state[name] = _read(ckpt, key, dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+    module.weight_sources = sources
 
 
 def _assign_quantized(model, ckpt: SafetensorsCheckpoint, by_name: dict, expected: dict, quantization: dict) -> None:
@@ -389,11 +413,15 @@ def _check_tied_head(ckpt: SafetensorsCheckpoint, embed_key: str, where: Path) -
             raise CheckpointError(f"{where}: lm_head.weight differs from embed_tokens; untied heads are not supported")
 
 
-def load_target(path: str | Path, dtype: torch.dtype = torch.float32, quantization: dict | None = None):
+def load_target(
+    path: str | Path, dtype: torch.dtype = torch.float32, quantization: dict | None = None, lazy: bool = False
+):
     """A `Gemma4ForCausalLM` (text decoder only) from a gemma4 or gemma4_text directory.
     quantization: the ExecuTorch recipe (export/quantize.py: linear, group_size, embedding,
     keep_8bit) applied while reading, in bounded memory; the LM head is then untied from the
-    token table (each quantized in its own scheme) and the module serves export only."""
+    token table (each quantized in its own scheme) and the module serves export only.
+    lazy: the large tensors stay in the checkpoint (see `_assign_lazy`): a module to trace,
+    whose weights a graph writer reads one by one; it cannot run."""
     from transformers import Gemma4ForCausalLM
 
     info = read_config(path)
@@ -404,7 +432,7 @@ def load_target(path: str | Path, dtype: torch.dtype = torch.float32, quantizati
     model = _build(Gemma4ForCausalLM, info.hf_config)
     if "lm_head.weight" in ckpt.key_file:
         _check_tied_head(ckpt, next(k for k, n in mapping.items() if n == "model.embed_tokens.weight"), info.path)
-    _assign(model, ckpt, mapping, dtype, "target", quantization)
+    _assign(model, ckpt, mapping, dtype, "target", quantization, lazy)
     if quantization is None:
         model.tie_weights()
     _materialize_non_persistent(model)
@@ -412,7 +440,7 @@ def load_target(path: str | Path, dtype: torch.dtype = torch.float32, quantizati
     return model.eval().requires_grad_(False)
 
 
-def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32, lazy: bool = False):
     from transformers import Gemma4AssistantForCausalLM
 
     info = read_config(path)
@@ -421,7 +449,7 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32):
     ckpt = SafetensorsCheckpoint(info.path)
     mapping, _ = map_drafter_keys(ckpt.keys())
     model = _build(Gemma4AssistantForCausalLM, info.hf_config)
-    _assign(model, ckpt, mapping, dtype, "drafter")
+    _assign(model, ckpt, mapping, dtype, "drafter", lazy=lazy)
     model.tie_weights()
     _materialize_non_persistent(model)
     if model.masked_embedding is not None:
@@ -515,8 +543,10 @@ def load_pair(
     drafter_dir: str | Path | None,
     dtype: torch.dtype = torch.float32,
     quantization: dict | None = None,
+    lazy: bool = False,
 ):
     """Target and (optionally) drafter, checked against each other before any weight is read.
+    lazy: large tensors left in the checkpoint, for the ONNX writer (see `load_target`).
     quantization: the target is quantized as it is read (see `load_target`); the drafter
     (78.5M parameters at E4B's size) is read in fp32 and quantized with the rest of the
     program."""
@@ -533,6 +563,6 @@ def load_pair(
             t_info.hf_config.rope_parameters,
             d_info.hf_config.get_text_config().rope_parameters,
         )
-    target = load_target(target_dir, dtype, quantization)
-    drafter = load_drafter(drafter_dir, dtype) if drafter_dir is not None else None
+    target = load_target(target_dir, dtype, quantization, lazy)
+    drafter = load_drafter(drafter_dir, dtype, lazy) if drafter_dir is not None else None
     return target, drafter

@@ -23,7 +23,11 @@ import hashlib
 import os
 from pathlib import Path
 
-ALIGN = 64  # tensor offsets in the data files: aligned for direct (mmap) use
+ALIGN = 64  # tensor offsets in the data files: aligned for direct use
+# large tensors start on a page: onnxruntime memory-maps such external data instead of
+# reading it onto the heap, and the backend maps the shared ones itself (only the pages of
+# the rows read become resident: the token and PLE tables)
+PAGE = 4096
 # Tensors listed for sharing in memory: below this size a private copy per session costs
 # nothing worth saving, and a session keeps its small constants foldable.
 SHARE_MIN_BYTES = 64 * 1024
@@ -44,68 +48,6 @@ def _read(path: Path, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise ValueError(f"{path.name}: {length} bytes expected at offset {offset}, file ends after {len(data)}")
     return data
-
-
-def fold_weight_transposes(path: Path) -> int:
-    """Replace each Transpose of an initializer by the transposed initializer (stored in
-    the graph's data file). The exporter folds these only for weights used once; in the
-    drafting-round graphs every drafter weight is used once per step and reaches its MatMul
-    through a Transpose, which hides it from weight quantizers (MatMulNBits needs a
-    constant B) and from deduplication against the single-step graph. Returns the count."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    data_name = f"{path.name}.data"
-    folded: dict[tuple, str] = {}
-    renames: dict[str, str] = {}
-    keep = []
-    with open(path.parent / data_name, "ab") as f:
-        for node in graph.node:
-            if node.op_type != "Transpose" or node.input[0] not in inits:
-                keep.append(node)
-                continue
-            src = inits[node.input[0]]
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            key = (src.name, tuple(perm) if perm else None)
-            if key not in folded:
-                arr = numpy_helper.to_array(src, base_dir=str(path.parent))
-                arr = np.ascontiguousarray(arr.transpose(perm) if perm else arr.T)
-                name = folded[key] = f"{src.name}.transposed" + ("" if perm is None else "_" + "".join(map(str, perm)))
-                f.write(b"\0" * (-f.tell() % ALIGN))
-                offset = f.tell()
-                f.write(arr.tobytes())
-                t = onnx.TensorProto(name=name, data_type=src.data_type, dims=arr.shape)
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                graph.initializer.append(t)
-            renames[node.output[0]] = folded[key]
-    if not renames:
-        return 0
-    del graph.node[:]
-    graph.node.extend(keep)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-    for out in graph.output:
-        if out.name in renames:
-            raise ValueError(f"{path.name}: a folded transpose feeds graph output {out.name}")
-    stale = [v for v in graph.value_info if v.name in renames]
-    for v in stale:
-        graph.value_info.remove(v)
-    used = {name for node in graph.node for name in node.input}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for t in unused:
-        graph.initializer.remove(t)
-    onnx.save_model(model, str(path))
-    return len(renames)
 
 
 def dedup_external_data(out_dir: Path, graphs: list[str]) -> list[dict]:
@@ -139,7 +81,7 @@ def dedup_external_data(out_dir: Path, graphs: list[str]) -> list[dict]:
         with open(tmp, "wb") as f:
             for key in own:
                 _, old, offset, length = canonical[key]
-                pad = -f.tell() % ALIGN
+                pad = -f.tell() % (PAGE if length >= SHARE_MIN_BYTES else ALIGN)
                 f.write(b"\0" * pad)
                 placed[key] = (name, f.tell())
                 f.write(_read(out_dir / old, offset, length))

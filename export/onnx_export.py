@@ -16,9 +16,9 @@ Steps:
      embedding, k steps, argmax inside), the runtime's fast path;
 3. `onnx.checker` on each graph, then `check_graphs`: names, opset and cache shapes as the
    layout says (sliding caches have window + max_draft + 1 slots);
-4. weights reaching a MatMul through a Transpose are stored transposed (quantizable, and
-   equal to the single-step graph's), then external data deduplicated across graphs
-   (export/onnx_data.py): a tensor several graphs
+4. each graph's weights written one at a time as they are read (export/onnx_weights.py:
+   linears stored transposed in fp32 or as MatMulNBits, tables optionally quantized), then
+   external data deduplicated across graphs (export/onnx_data.py): a tensor several graphs
    hold (the token embedding table: embed + drafter_k graphs; the drafter weights) is
    stored once and listed in `layout.json` so the runtime loads it once for all sessions;
 5. `layout.json` records what a runtime needs (names, shapes, producers, ids, sizes).
@@ -35,7 +35,8 @@ import torch
 
 from export.config import TargetSpec
 from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
-from export.onnx_data import dedup_external_data, fold_weight_transposes
+from export.onnx_data import dedup_external_data
+from export.onnx_weights import Weights, write_graph
 from runtime.artifacts import LAYOUT_FILE, SHARED_KV_NAMES
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
@@ -67,7 +68,12 @@ class _ListCaches(torch.nn.Module):
         return self.step(inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches)
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None):
+def _export(module, args, path: Path, input_names, output_names, weights: Weights, recipe: dict | None,
+            dynamic_shapes=None) -> dict:
+    """Trace `module` (its optimizer off: it would fold the placeholders' transposes into real
+    tensors) and write the graph with its weights (export/onnx_weights.py)."""
+    import onnx
+
     t0 = time.time()
     program = torch.onnx.export(
         module,
@@ -76,18 +82,29 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=
         output_names=output_names,
         dynamic_shapes=dynamic_shapes,
         dynamo=True,
+        optimize=False,
         opset_version=OPSET,
         verbose=False,
     )
-    program.save(str(path), external_data=True)
-    import onnx
-
+    traced = time.time() - t0
+    counts = write_graph(program.model, path, weights, recipe)
     onnx.checker.check_model(str(path), full_check=False)
-    print(f"      {path.name}: {time.time() - t0:.1f}s", flush=True)
+    print(f"      {path.name}: traced {traced:.1f}s, written {time.time() - t0 - traced:.1f}s "
+          f"({', '.join(f'{k} {v}' for k, v in counts.items() if v and k != 'keep_8bit_matched')}) [{_rss()}]", flush=True)
+    return counts
 
 
-def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int) -> dict:
-    """Write embed.onnx, target.onnx, drafter.onnx and layout.json into out_dir."""
+def _rss() -> str:
+    import resource
+
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int, recipe: dict | None = None) -> dict:
+    """Write embed.onnx, target.onnx, drafter.onnx, drafter_k*.onnx and layout.json into
+    out_dir. recipe: the target's ONNX quantization (`OnnxSpec.recipe`; None: fp32), applied as
+    each weight is written. A pair loaded with `load_pair(lazy=True)` is exported in bounded
+    memory (one weight at a time); layout.json's `quantization` holds the MatMulNBits counts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = TargetSpec.from_hf(target.config)
@@ -98,22 +115,27 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
     rows = torch.export.Dim("logit_rows", min=1, max=max_draft + 1)
     n = 3
     ids = torch.full((1, n), spec.bos_token_id, dtype=torch.long)
+    weights = Weights(target, drafter)
+    counts = {}
 
     with torch.no_grad():
         print("[onnx] embed graph", flush=True)
         embed = EmbedStep(target).eval()
-        _export(embed, (ids,), out_dir / "embed.onnx", ["input_ids"], ["inputs_embeds", "per_layer_inputs"],
-                ({1: tokens},))
-        embeds, ple = embed(ids)
+        counts["embed.onnx"] = _export(embed, (ids,), out_dir / "embed.onnx", ["input_ids"],
+                                       ["inputs_embeds", "per_layer_inputs"], weights, recipe, ({1: tokens},))
+        embeds = torch.zeros(1, n, spec.hidden_size)
+        ple = torch.zeros(1, n, spec.attention.num_layers, spec.ple_dim)
 
         print("[onnx] target graph", flush=True)
         step = _ListCaches(TargetStep(target, layout)).eval()
-        _export(
+        counts["target.onnx"] = _export(
             step,
             (embeds, ple, torch.arange(n)[None], torch.arange(1, n), caches),
             out_dir / "target.onnx",
             ["inputs_embeds", "per_layer_inputs", "position_ids", "logit_index", *names],
             ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names]],
+            weights,
+            recipe,
             ({1: tokens}, {1: tokens}, {1: tokens}, {0: rows}, [None] * len(caches)),
         )
 
@@ -122,28 +144,32 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
             dstep = DrafterStep(drafter, layout).eval()
             shared = [caches[i] for i in layout.shared_cache_indices()]
             inp = torch.zeros(1, 1, 2 * spec.hidden_size)
-            _export(
+            counts["drafter.onnx"] = _export(
                 dstep,
                 (inp, torch.tensor([[n]]), *shared),
                 out_dir / "drafter.onnx",
                 ["inputs_embeds", "position_ids", *SHARED_KV_NAMES],
                 ["logits", "projected_state"],
+                weights,
+                recipe,
             )
             print(f"[onnx] drafting-round graphs k = 1..{max_draft}", flush=True)
             state = torch.zeros(1, 1, spec.hidden_size)
             for k in range(1, max_draft + 1):
-                _export(
+                counts[draft_graph_name(k)] = _export(
                     DraftTokens(dstep, target.model.embed_tokens, k).eval(),
                     (ids[:, :1], state, torch.tensor([[n]]), *shared),
                     out_dir / draft_graph_name(k),
                     ["input_ids", "state", "position_ids", *SHARED_KV_NAMES],
                     ["draft_tokens"],
+                    weights,
+                    recipe,
                 )
 
     info = layout_dict(target, drafter, layout)
+    info["quantization"] = {"recipe": recipe, "graphs": counts}
     (out_dir / LAYOUT_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    for g in graph_order(out_dir):
-        fold_weight_transposes(out_dir / g)
+    print("[onnx] tensors several graphs hold: stored once", flush=True)
     share_weights(out_dir)
     check_graphs(out_dir)
     return info

@@ -10,8 +10,9 @@ before it can take the machine):
    target is 15 GB on disk and never held whole in memory);
 2. per deployment target (android: 8da4w + int8 tables; linux-x86_64: fp32), the ExecuTorch
    program, read in bounded memory (export/checkpoint.py quantizes as it reads), and the
-   ONNX graphs where the fp32 pair fits the memory limit (the ONNX exporter still traces the
-   fp32 pair: not bounded yet, so skipped with that reason past the limit);
+   ONNX graphs, also bounded (export/onnx_weights.py reads, quantizes and writes one weight
+   at a time; fp32 graphs are skipped, with that reason, where the fp32 pair passes the
+   memory limit: onnxruntime would hold it whole to run them);
 3. `run`: the native runner (native/, `make native`) over each `.pte`, loaded memory-mapped
    without mlock as an app loads it: greedy tokens on a prompt past the sliding window, peak
    resident memory, and how much of it is pages of the mapped program file (the token and
@@ -182,17 +183,15 @@ def stage_executorch(checkpoint: Path, assistant: Path, target: str, out: Path) 
 
 
 def stage_onnx(checkpoint: Path, assistant: Path, target: str, out: Path) -> dict:
-    """The target file's ONNX graphs (the exporter of `make export`: fp32 pair traced, then
-    MatMulNBits where the target says so)."""
+    """The target file's ONNX graphs (the exporter of `make export`: the pair traced with its
+    large tensors left in the checkpoint, each weight read, quantized and written in turn)."""
     from types import SimpleNamespace
 
     from export.build import build_onnx
-    from export.checkpoint import load_pair
 
     cfg = _target_file(target)
-    target_model, drafter = load_pair(checkpoint, assistant)
     plan = SimpleNamespace(
-        cfg=cfg, target=target_model, drafter=drafter, checkpoint=Path(checkpoint),
+        cfg=cfg, checkpoint=Path(checkpoint), assistant=Path(assistant),
         stage=lambda i, text: print(f"[onnx] {text}", flush=True),
     )
     return {"quantization": build_onnx(plan, Path(out)).quantization}
@@ -207,7 +206,12 @@ def stage_onnx_run(artifacts: Path, prompt: list[int], new_tokens: int) -> dict:
     greedy_generate(backend, prompt[:8], 2)  # warm-up: a session's first calls plan memory
     tokens, _, timer = greedy_generate(backend, prompt, new_tokens)  # no EOS stop, as the reference
     ms = timer.mean_ms()
-    return {"tokens": tokens, "prefill_ms": round(ms["prefill"], 2), "decode_ms": round(ms["decode"], 3)}
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kib = lambda key: int(status[key].split()[0]) * 1024 if key in status else None  # noqa: E731
+    # resident now: anonymous (heap: weights onnxruntime copied or repacked, caches, arena)
+    # and file pages (memory-mapped external data: the rows of the tables read so far)
+    return {"tokens": tokens, "prefill_ms": round(ms["prefill"], 2), "decode_ms": round(ms["decode"], 3),
+            "rss_anon_bytes": kib("RssAnon"), "rss_file_bytes": kib("RssFile")}
 
 
 def stage_reference(checkpoint: Path, assistant: Path, prompt: list[int], new_tokens: int) -> dict:
@@ -336,9 +340,11 @@ def check_depth(layers: int, out: Path, targets: list[str], limit: int, cli: Pat
                 print(f"[size-check] {layers} layers: native runner over {target}'s program", flush=True)
                 res["run"][target] = run_native(cli, art / "pair.pte", prompt, new_tokens)
         if cfg.onnx is not None:
-            art = _export_stage(res, "onnx", target, pair, d, limit, 2 * fp32 > limit and (
-                f"the ONNX exporter still traces the fp32 pair (about 2x its {fp32 / GiB:.1f} GiB) "
-                f"> the {limit / GiB:.1f} GiB limit: a bounded-memory ONNX export is not built yet"))
+            # the export reads one weight at a time; fp32 graphs are the fp32 pair, which
+            # onnxruntime then holds whole to run them
+            art = _export_stage(res, "onnx", target, pair, d, limit, not cfg.onnx.quantized and fp32 > limit and (
+                f"fp32 graphs hold the fp32 pair ({fp32 / GiB:.1f} GiB) > the {limit / GiB:.1f} GiB limit; "
+                "measured at smaller depths and extrapolated"))
             if art is not None:
                 print(f"[size-check] {layers} layers: onnxruntime over {target}'s graphs", flush=True)
                 res["onnx_run"][target] = run_onnx(art, d, new_tokens, limit)
@@ -391,6 +397,8 @@ def figures(depth: dict) -> dict[str, float]:
     for target, run in depth.get("onnx_run", {}).items():
         if "peak_rss_bytes" in run:
             f[f"onnx-run-{target}.peak_rss_bytes"] = run["peak_rss_bytes"]
+        if run.get("rss_anon_bytes") is not None:  # resident outside mapped files (tables' pages)
+            f[f"onnx-run-{target}.rss_excluding_mapped_bytes"] = run["rss_anon_bytes"]
     for target, run in depth["run"].items():
         if "peak_rss_bytes" in run:
             f[f"run-{target}.peak_rss_bytes"] = run["peak_rss_bytes"]

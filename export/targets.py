@@ -20,6 +20,7 @@ TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 PTE_LINEAR = ("fp32", "8da4w")
 PTE_EMBEDDING = ("fp32", "int8", "int4")
 ONNX_LINEAR = ("fp32", "int4")
+ONNX_EMBEDDING = ("fp32", "int8", "int4")  # token / PLE tables: rows in blocks of block_size with scales
 # MatMulNBits weights (export/quantize_onnx.py): "hqq": HQQ scales and zero points, fp32
 # compute; "rtn-a8": symmetric round-to-nearest, no zero points, int8 activations
 # (accuracy_level 4), onnxruntime's fast path
@@ -63,16 +64,18 @@ class OnnxSpec:
     block_size: int = 32
     keep_8bit: tuple[str, ...] = ()
     method: str = "hqq"  # how MatMulNBits weights are made and computed (ONNX_METHODS)
+    embedding: str = "fp32"  # token and PLE tables (ONNX_EMBEDDING)
     # layouts for other clients written beside the graphs (export/client_layouts.py)
     clients: tuple[str, ...] = ()
     # models at least this wide (hidden size) use the wide_* settings instead, where given
     wide_from_hidden: int | None = None
     wide_keep_8bit: tuple[str, ...] | None = None
     wide_method: str | None = None
+    wide_embedding: str | None = None
 
     @property
     def quantized(self) -> bool:
-        return self.linear != "fp32"
+        return self.linear != "fp32" or self.embedding != "fp32"
 
     def recipe(self, hidden_size: int) -> dict | None:
         """The MatMulNBits quantization of export/quantize_onnx.py for a model of this hidden
@@ -82,7 +85,9 @@ class OnnxSpec:
         wide = self.wide_from_hidden is not None and hidden_size >= self.wide_from_hidden
         keep = self.wide_keep_8bit if wide and self.wide_keep_8bit is not None else self.keep_8bit
         method = self.wide_method if wide and self.wide_method else self.method
-        return {"block_size": self.block_size, "keep_8bit": list(keep), "method": method}
+        embedding = self.wide_embedding if wide and self.wide_embedding else self.embedding
+        return {"block_size": self.block_size, "keep_8bit": list(keep), "method": method, "embedding": embedding,
+                "linear": self.linear}
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,9 @@ def load_target(name: str, directory: Path = TARGETS_DIR) -> DeploymentTarget:
             raise TargetError(f"{where} [executorch] group_size must be a positive even number")
     if ox is not None:
         _choice(ox.linear, ONNX_LINEAR, f"{where} [onnx] linear")
+        _choice(ox.embedding, ONNX_EMBEDDING, f"{where} [onnx] embedding")
+        if ox.wide_embedding is not None:
+            _choice(ox.wide_embedding, ONNX_EMBEDDING, f"{where} [onnx] wide_embedding")
         if ox.block_size < 16 or ox.block_size & (ox.block_size - 1):
             raise TargetError(f"{where} [onnx] block_size must be a power of two >= 16")
         for client in ox.clients:

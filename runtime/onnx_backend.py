@@ -92,18 +92,18 @@ class OnnxBackend:
         self.reset()
 
     def _load_shared(self) -> list[tuple[dict, ort.OrtValue, np.ndarray]]:
-        """One OrtValue per tensor listed in layout.json's shared_initializers (read once;
-        the arrays stay referenced by this backend as long as its sessions live)."""
+        """One OrtValue per tensor listed in layout.json's shared_initializers, over a read-only
+        memory map of its data file: one copy for all sessions, and of a table only the pages
+        of rows read become resident (the arrays stay referenced by this backend as long as
+        its sessions live)."""
         out = []
         for entry in self.layout.get("shared_initializers", []):
             path = self.dir / entry["file"]
-            count = int(np.prod(entry["shape"]))
-            with open(path, "rb") as f:
-                f.seek(entry["offset"])
-                array = np.fromfile(f, dtype=np.dtype(entry["dtype"]), count=count)
-            if array.size != count:
-                raise ArtifactError(f"{path} ends inside a shared tensor; re-export the ONNX graphs")
-            array = array.reshape(entry["shape"])
+            dtype = np.dtype(entry["dtype"])
+            end = entry["offset"] + int(np.prod(entry["shape"])) * dtype.itemsize
+            if not path.is_file() or path.stat().st_size < end:
+                raise ArtifactError(f"{path} is missing or ends inside a shared tensor; re-export the ONNX graphs")
+            array = np.memmap(path, dtype=dtype, mode="r", offset=entry["offset"], shape=tuple(entry["shape"]))
             out.append((entry["users"], ort.OrtValue.ortvalue_from_numpy(array), array))
         return out
 

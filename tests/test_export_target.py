@@ -1,4 +1,4 @@
-"""`make export TARGET=...` end to end on an ONNX-only 4-bit target (the fast format to
+"""`make export TARGET=...` end to end on an ONNX-only 4-bit target with int8 tables (the fast format to
 build; the ExecuTorch programs are covered in test_executorch.py and by `make export`):
 manifest and hashes, byte-identical re-export, tamper refusal in `make parity`, atomic
 output under a kill or a failed step, the gates recorded in the manifest, and the layouts
@@ -28,6 +28,7 @@ draft_tokens = "auto"
 linear = "int4"
 block_size = 32
 keep_8bit = ["lm_head", "self_attn", "per_layer"]
+embedding = "int8"                                   # tables decoded after the gather
 clients = ["onnxruntime-genai", "transformers.js"]   # android's and web's
 
 [gates]
@@ -66,6 +67,7 @@ def test_manifest_describes_every_file(exported):
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
     counts = manifest["quantization"]["onnx"]["matmuls"]["target.onnx"]
     assert counts["int4"] > 0 and counts["int8"] > 0  # MLP linears 4-bit, the keep_8bit ones 8-bit
+    assert manifest["quantization"]["onnx"]["matmuls"]["embed.onnx"]["tables"] == 2  # token and PLE tables
     io = manifest["methods"]["onnx"]["target"]
     assert io["inputs"][0]["name"] == "inputs_embeds" and isinstance(io["inputs"][0]["shape"][1], str)  # dynamic
     assert {"logits", "last_hidden_state"} <= {o["name"] for o in io["outputs"]}

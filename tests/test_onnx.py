@@ -109,6 +109,94 @@ def test_drafter_weights_stored_once_and_as_constant_matmul_inputs(onnx_dir):
     assert sorted(p.name for p in onnx_dir.glob("*.data")) == ["drafter.onnx.data", "embed.onnx.data", "target.onnx.data"]
 
 
+def _run_all(directory, feeds):
+    return {g: ort_session(directory / g).run(None, f) for g, f in feeds.items()}
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _random_feeds(directory):
+    """Inputs for every graph of an export: random embeddings, caches and states, ids of the
+    demo vocabulary, positions past the sliding window."""
+    rng = np.random.RandomState(0)
+    feeds = {}
+    for path in sorted(directory.glob("*.onnx")):
+        feed = {}
+        for i in ort_session(path).get_inputs():
+            shape = [d if isinstance(d, int) else 5 for d in i.shape]
+            if i.name == "logit_index":
+                feed[i.name] = np.array([0, 2, 4], dtype=np.int64)
+            elif i.name == "position_ids":
+                feed[i.name] = np.arange(200, 200 + shape[1], dtype=np.int64)[None]
+            elif "int" in i.type:
+                feed[i.name] = rng.randint(0, 2048, size=shape).astype(np.int64)
+            else:
+                feed[i.name] = (0.5 * rng.randn(*shape)).astype(np.float32)
+        feeds[path.name] = feed
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def lazy_dir(random_pair_dir, tmp_path_factory):
+    """The same export from a lazily loaded pair: every large tensor read from the checkpoint
+    only when its graph is written."""
+    target, drafter = load_pair(random_pair_dir / "target", random_pair_dir / "assistant", lazy=True)
+    assert target.weight_sources and drafter.weight_sources  # the lazy path is the one tested
+    out = tmp_path_factory.mktemp("onnx-lazy")
+    export_onnx(target, drafter, out, MAX_CONTEXT, MAX_DRAFT)
+    return out
+
+
+def test_lazy_export_equals_the_in_memory_one(onnx_dir, lazy_dir):
+    """Weights read one at a time from the checkpoint give the graphs of the loaded pair:
+    same nodes, bit-identical outputs of every graph (the same fp32 values in the same ops)."""
+    feeds = _random_feeds(onnx_dir)
+    assert sorted(feeds) == sorted(p.name for p in lazy_dir.glob("*.onnx"))
+    ours, ref = _run_all(lazy_dir, feeds), _run_all(onnx_dir, feeds)
+    for g in feeds:
+        n_lazy = len(onnx.load(str(lazy_dir / g), load_external_data=False).graph.node)
+        n_ref = len(onnx.load(str(onnx_dir / g), load_external_data=False).graph.node)
+        assert n_lazy == n_ref, g
+        for a, b in zip(ours[g], ref[g]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_quantized_tables_are_stored_once_with_the_tied_head(random_pair_dir, tmp_path):
+    """A recipe with int8 tables and the LM head at 8 bits: the token table and the tied head
+    are one tensor (embed.onnx.data) for embed, target and drafting-round graphs; the decoded
+    rows are within an int8 step of the fp32 table; the graphs' tokens run end to end."""
+    from export.quantize_onnx import dequantize, quantize_rows
+
+    target, drafter = load_pair(random_pair_dir / "target", random_pair_dir / "assistant", lazy=True)
+    recipe = {"linear": "int4", "block_size": 32, "keep_8bit": ["lm_head"], "method": "rtn-a8", "embedding": "int8"}
+    info = export_onnx(target, drafter, tmp_path, MAX_CONTEXT, MAX_DRAFT, recipe)
+    assert info["quantization"]["graphs"]["embed.onnx"]["tables"] == 2  # token and PLE tables
+    assert info["quantization"]["graphs"]["target.onnx"]["int8"] == 1  # the LM head
+    full = load_pair(random_pair_dir / "target", None)[0]
+    table = full.model.embed_tokens.weight.detach().numpy()
+    q = quantize_rows(lambda a, b: table[a:b], *table.shape, 8, 32)
+    layout = json.loads((tmp_path / "layout.json").read_text())
+    entry = next(e for e in layout["shared_initializers"] if e["shape"] == list(q.packed.shape))
+    assert entry["file"] == "embed.onnx.data"
+    assert set(entry["users"]) == {"embed.onnx", "target.onnx", *[f"drafter_k{k}.onnx" for k in range(1, MAX_DRAFT + 1)]}
+    copies = {p.name: p.read_bytes().count(q.packed.tobytes()) for p in tmp_path.glob("*.data")}
+    assert sum(copies.values()) == 1, copies
+    ids = np.array([[2, 7, 2047, 300]], dtype=np.int64)
+    embeds = ort_session(tmp_path / "embed.onnx").run(None, {"input_ids": ids})[0]
+    scale = float(full.model.embed_tokens.embed_scale)
+    np.testing.assert_array_equal(embeds[0], dequantize(q)[ids[0]] * np.float32(scale))
+    # against the fp32 rows: at most one int8 step (|block scale|) per element
+    step = np.abs(np.repeat(q.scales, 32, axis=1))[ids[0]] * scale
+    assert np.all(np.abs(embeds[0] - table[ids[0]] * scale) <= step * (1 + 1e-5))
+    backend = OnnxBackend(tmp_path)
+    tokens, _, _ = greedy_generate(backend, PROMPT[:80], 8)
+    assert len(tokens) == 8
+
+
 def test_drafting_round_equals_single_steps(onnx_dir):
     """drafter_k{k}.onnx (embedding, k steps and argmax in one call) gives the drafts of k
     single `drafter.onnx` steps with an argmax after each, at positions inside and past

@@ -57,12 +57,22 @@ def test_wide_models_get_the_wide_recipe():
 
 
 def test_wide_models_get_the_fast_onnx_recipe():
-    """android's ONNX graphs: the demo keeps HQQ and its 8-bit exceptions; real widths get
-    every linear at 4 bits by symmetric round-to-nearest with int8 compute (rtn-a8)."""
+    """android's ONNX graphs: the demo keeps HQQ, its 8-bit exceptions and int8 tables; real
+    widths get every linear at 4 bits by symmetric round-to-nearest with int8 compute
+    (rtn-a8) and int4 tables."""
     ox = load_target("android").onnx
-    assert ox.recipe(128) == {"block_size": 32, "keep_8bit": ["lm_head", "self_attn", "per_layer"], "method": "hqq"}
-    assert ox.recipe(2560) == {"block_size": 32, "keep_8bit": [], "method": "rtn-a8"}
+    assert ox.recipe(128) == {"block_size": 32, "keep_8bit": ["lm_head", "self_attn", "per_layer"], "method": "hqq",
+                              "embedding": "int8", "linear": "int4"}
+    assert ox.recipe(2560) == {"block_size": 32, "keep_8bit": [], "method": "rtn-a8", "embedding": "int4",
+                               "linear": "int4"}
     assert load_target("linux-x86_64").onnx.recipe(2560) is None  # fp32
+
+
+def test_unknown_onnx_table_scheme_is_refused(tmp_path):
+    text = (TARGETS_DIR / "android.toml").read_text().replace('wide_embedding = "int4"', 'wide_embedding = "int2"')
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(TargetError, match=r"wide_embedding = 'int2'; expected one of \['fp32', 'int8', 'int4'\]"):
+        load_target("bad", tmp_path)
 
 
 def test_unknown_onnx_method_is_refused(tmp_path):

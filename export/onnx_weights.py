@@ -1,0 +1,212 @@
+"""The weights of one ONNX graph, rewritten and written one tensor at a time.
+
+The graphs are traced from a pair whose large tensors are placeholders
+(`load_pair(lazy=True)`: one zero expanded to the shape, the tensor left in the checkpoint);
+the exporter is run without its optimizer (which would fold transposes of the placeholders
+into real tensors). `write_graph` then, on the exported graph (onnx_ir):
+1. each MatMul whose weight is a model parameter reached through a Transpose (an nn.Linear):
+   fp32: the weight stored transposed; quantized: onnxruntime's MatMulNBits, 4-bit, or 8-bit
+   where the parameter's name contains one of `keep_8bit` (export/quantize_onnx.py);
+2. each Gather from a parameter table (token, PLE and drafter candidate-row tables), when the
+   recipe quantizes tables: the table in the same block layout (int8 or int4 rows with
+   scales) and the nodes that decode the gathered rows;
+3. every other parameter as it is (fp32);
+4. nodes and initializers left unused removed, onnxscript's optimizer (constant folding of
+   the small constants; it folds no large tensor), then saved with external data. Each
+   tensor is computed when it is written (onnx_ir's LazyTensor): read from the checkpoint,
+   converted or quantized, written, dropped, so the peak is one tensor (large tables and LM
+   heads: one block of rows while quantizing, then its packed form).
+In-memory pairs (tests, small models) go through the same path: their parameters are read
+from memory instead of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.quantize_onnx import ACCURACY_LEVEL, Blocks, matmul_nbits_node, quantize_rows, table_decode_nodes
+
+TABLE_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass
+class Param:
+    """A model parameter as the writer sees it: its name, shape and a row reader."""
+
+    name: str  # the parameter's name in its model
+    uid: str  # unique across the exported models ("<model index>.<name>": target and drafter share names)
+    shape: tuple
+    read: object  # (a, b) -> fp32 numpy rows a..b-1
+
+    def full(self) -> np.ndarray:
+        return self.read(0, self.shape[0]) if self.shape else self.read(None, None)
+
+
+class Weights:
+    """The parameters of the exported modules, found from an initializer's torch tensor (its
+    data pointer: the exporter wraps the module's own tensors)."""
+
+    def __init__(self, *models):
+        self.by_ptr: dict[int, Param] = {}
+        for index, m in enumerate(models):
+            if m is None:
+                continue
+            lazy = getattr(m, "weight_sources", {})
+            for name, p in m.named_parameters():
+                ptr = p.data_ptr()
+                if ptr in self.by_ptr:
+                    continue
+                if ptr in lazy:
+                    ckpt, key = lazy[ptr]
+                    rows = ckpt.rows(key)
+                    read = lambda a, b, rows=rows: rows(a, b).float().numpy()  # noqa: E731
+                else:
+                    t = p.detach()
+                    read = lambda a, b, t=t: (t if a is None else t[a:b]).float().numpy()  # noqa: E731
+                self.by_ptr[ptr] = Param(name, f"{index}.{name}", tuple(p.shape), read)
+
+    def find(self, value) -> Param | None:
+        if value is None or value.const_value is None:
+            return None
+        raw = getattr(value.const_value, "raw", None)
+        return self.by_ptr.get(raw.data_ptr()) if isinstance(raw, torch.Tensor) else None
+
+
+class _Quantized:
+    """Quantized weights, computed once for the packed data and the scales written after it."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, param: Param, bits: int, block: int, method: str) -> Blocks:
+        key = (param.uid, bits, block, method)
+        if key != self.key:
+            self.key, self.value = None, None  # drop the previous weight before computing the next
+            self.value = quantize_rows(param.read, *param.shape, bits, block, method)
+            self.key = key
+        return self.value
+
+
+def _lazy(ir, name: str, dtype, shape, fn):
+    return ir.Value(name=name, const_value=ir.LazyTensor(lambda: ir.tensor(fn(), name=name), dtype=dtype,
+                                                         shape=ir.Shape(list(shape)), name=name))
+
+
+def _replace(graph, node, value) -> None:
+    """`value` takes the place (uses, name, type) of `node`'s single output; `node` goes."""
+    old = node.outputs[0]
+    old.replace_all_uses_with(value, replace_graph_outputs=True)
+    name, shape, type_ = old.name, old.shape, old.type
+    graph.remove(node, safe=True)
+    old.name = None
+    value.name, value.shape, value.type = name, shape, type_
+
+
+def write_graph(model, path: Path, weights: Weights, recipe: dict | None, log=print) -> dict:
+    """Rewrite `model` (an onnx_ir Model from the exporter) per the module docstring and save it
+    to `path` with its weights in `path.name + '.data'`. recipe: None (fp32) or the target's ONNX
+    quantization (block_size, keep_8bit, method, embedding: "int8" / "int4" / "fp32").
+    Returns counts: int4 / int8 MatMulNBits, fp32 linears, quantized tables, and the
+    `keep_8bit` patterns that matched a linear (`keep_8bit_matched`)."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    graph = model.graph
+    cache = _Quantized()
+    counts = {"int4": 0, "int8": 0, "fp32_linears": 0, "tables": 0}
+    matched: set[str] = set()
+    table_bits = TABLE_BITS.get((recipe or {}).get("embedding", "fp32"))
+    new_inits: dict[tuple, object] = {}
+
+    def init(key, value):
+        if key not in new_inits:
+            new_inits[key] = value
+            graph.register_initializer(value)
+        return new_inits[key]
+
+    def blocks_inputs(param: Param, bits: int, method: str, block: int):
+        q = lambda: cache.get(param, bits, block, method)  # noqa: E731
+        n, k = param.shape
+        blob, packed_shape = block * bits // 8, (n, k // block)
+        hqq = bits == 4 and method == "hqq"
+        tag = f"{param.uid}.q{bits}{'hqq' if hqq else ''}"
+        packed = init((tag, "packed"), _lazy(ir, f"{tag}.packed", ir.DataType.UINT8, (*packed_shape, blob),
+                                             lambda: q().packed))
+        scales = init((tag, "scales"), _lazy(ir, f"{tag}.scales", ir.DataType.FLOAT,
+                                             (n * k // block,) if hqq else packed_shape, lambda: q().scales))
+        zp = None
+        if hqq:
+            zp = init((tag, "zero_points"), _lazy(ir, f"{tag}.zero_points", ir.DataType.FLOAT, (n * k // block,),
+                                                  lambda: q().zero_points))
+        return packed, scales, zp
+
+    for node in list(graph):
+        if node.op_type == "MatMul" and node.domain == "":
+            t = node.inputs[1].producer()
+            if t is None or t.op_type != "Transpose":
+                continue
+            param = weights.find(t.inputs[0])
+            perm = t.attributes.get("perm")
+            if param is None or len(param.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
+                continue
+            n, k = param.shape
+            if recipe is None or recipe.get("linear", "int4") == "fp32":
+                wt = init((param.uid, "t"), _lazy(ir, f"{param.uid}.transposed", ir.DataType.FLOAT, (k, n),
+                                                   lambda p=param: np.ascontiguousarray(p.full().T)))
+                node.replace_input_with(1, wt)
+                counts["fp32_linears"] += 1
+                continue
+            # the linear's module path (a tied LM head's parameter is named after the table)
+            scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "") + " " + param.name
+            hits = [s for s in recipe["keep_8bit"] if s in scope]
+            matched |= set(hits)
+            bits = 8 if hits else 4
+            method, block = recipe["method"], recipe["block_size"]
+            packed, scales, zp = blocks_inputs(param, bits, method, block)
+            level = ACCURACY_LEVEL[method]
+            q = matmul_nbits_node(ir, node.inputs[0], packed, scales, zp, k, n, bits, block, level, f"{node.name}/nbits")
+            graph.insert_before(node, q)
+            _replace(graph, node, q.outputs[0])
+            counts[f"int{bits}"] += 1
+        elif node.op_type == "Gather" and node.domain == "" and table_bits is not None:
+            param = weights.find(node.inputs[0])
+            axis = node.attributes.get("axis")
+            if param is None or len(param.shape) != 2 or (axis is not None and axis.as_int() != 0):
+                continue
+            packed, scales, _ = blocks_inputs(param, table_bits, "rtn-a8", recipe["block_size"])
+            nodes, out = table_decode_nodes(ir, node.inputs[1], packed, scales, table_bits, param.shape[1],
+                                            f"{node.name}/table")
+            graph.insert_before(node, nodes)
+            _replace(graph, node, out)
+            counts["tables"] += 1
+
+    ir.passes.common.RemoveUnusedNodesPass()(model)  # the weights' transposes, the replaced tables
+    # remaining parameters as they are; placeholders must never be written as zeros
+    for value in list(graph.initializers.values()):
+        param = weights.find(value)
+        if param is not None and not value.uses():
+            graph.initializers.pop(value.name)
+        elif param is not None:
+            value.const_value = ir.LazyTensor(lambda p=param, name=value.name: ir.tensor(p.full(), name=name),
+                                              dtype=ir.DataType.FLOAT, shape=ir.Shape(list(param.shape)),
+                                              name=value.name)
+    if recipe is not None:
+        counts["keep_8bit_matched"] = sorted(matched)
+    quiet = logging.getLogger("onnx_ir")  # its passes log every folded constant at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        onnxscript.optimizer.optimize(model)  # dead code, small constants folded
+    finally:
+        quiet.setLevel(level)
+    if any(n.domain == "com.microsoft" for n in graph):
+        model.opset_imports.setdefault("com.microsoft", 1)
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    ir.save(model, path, external_data=data.name)
+    return counts
