@@ -10,7 +10,8 @@ Steps, one function each (`build_target` runs them; progress printed as [i/n]):
    quantized per the target file as it is read (bounded memory); the size reduction is
    measured against the pair's fp32 weight bytes (computed, no fp32 twin) -> `FormatBuild`;
 4. `build_onnx` (if [onnx]): `onnx/{embed,target,drafter,drafter_k*}.onnx` + external data,
-   4-bit MatMulNBits per the target -> `FormatBuild`;
+   each weight read from the checkpoint, quantized per the target (4-bit MatMulNBits, int8 or
+   int4 tables) and written in turn (bounded memory) -> `FormatBuild`;
 5. `calibrate`: acceptance per draft position and step costs, the predicted best draft
    length (or the target's fixed one);
 6. `assess`: quality report per format against the fp32 reference (calibration/quality.py)
@@ -213,7 +214,7 @@ def plan(name: str, checkpoint: Path, assistant: Path, targets_dir: Path | None)
     return Plan(name, cfg, Path(checkpoint), Path(assistant), target, drafter, heldout, calib)
 
 
-FP32_HOLDERS = 2  # the fp32 pair (reference, quality) and the ONNX trace of it
+FP32_HOLDERS = 1  # the fp32 pair (reference check, quality); the ONNX graphs read weights one at a time
 
 
 def available_memory() -> int:
@@ -229,17 +230,18 @@ def available_memory() -> int:
 
 def check_memory(checkpoint: Path, assistant: Path) -> None:
     """Refuse, before anything is read, an export whose fp32 steps cannot fit this machine:
-    the reference check, the ONNX trace and the quality assessment hold the pair in fp32."""
+    the reference check and the quality assessment hold the pair in fp32."""
     from export.checkpoint import fp32_pair_bytes
 
     need = FP32_HOLDERS * fp32_pair_bytes(checkpoint, assistant)
     have = available_memory()
     if have and need > have:
         raise ExportError(
-            f"this export holds the pair in fp32 for its reference check, ONNX graphs and quality gates: about "
+            f"this export holds the pair in fp32 for its reference check and quality gates: about "
             f"{need / 2**30:.2f} GiB, and this machine has {have / 2**30:.2f} GiB available. Export on a machine with "
-            "more memory. The ExecuTorch program alone is read and quantized in bounded memory: `make size-check` "
-            "measures it for E4B-sized models (a bounded-memory path for the fp32 steps is not built yet)"
+            "more memory. The ExecuTorch program and the ONNX graphs alone are read and quantized in bounded memory: "
+            "`make size-check` builds and measures them for E4B-sized models (the fp32 reference and quality steps "
+            "have no bounded-memory path)"
         )
 
 

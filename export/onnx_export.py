@@ -36,7 +36,7 @@ import torch
 from export.config import TargetSpec
 from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
 from export.onnx_data import dedup_external_data
-from export.onnx_weights import Weights, write_graph
+from export.onnx_weights import Quantized, Weights, write_graph
 from runtime.artifacts import LAYOUT_FILE, SHARED_KV_NAMES
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
@@ -69,7 +69,7 @@ class _ListCaches(torch.nn.Module):
 
 
 def _export(module, args, path: Path, input_names, output_names, weights: Weights, recipe: dict | None,
-            dynamic_shapes=None) -> dict:
+            cache: Quantized, dynamic_shapes=None) -> dict:
     """Trace `module` (its optimizer off: it would fold the placeholders' transposes into real
     tensors) and write the graph with its weights (export/onnx_weights.py)."""
     import onnx
@@ -87,10 +87,11 @@ def _export(module, args, path: Path, input_names, output_names, weights: Weight
         verbose=False,
     )
     traced = time.time() - t0
-    counts = write_graph(program.model, path, weights, recipe)
+    counts = write_graph(program.model, path, weights, recipe, cache)
     onnx.checker.check_model(str(path), full_check=False)
-    print(f"      {path.name}: traced {traced:.1f}s, written {time.time() - t0 - traced:.1f}s "
-          f"({', '.join(f'{k} {v}' for k, v in counts.items() if v and k != 'keep_8bit_matched')}) [{_rss()}]", flush=True)
+    done = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "keep_8bit_matched")
+    print(f"      {path.name}: traced {traced:.1f}s, written {time.time() - t0 - traced:.1f}s"
+          f"{f' ({done})' if done else ''} [{_rss()}]", flush=True)
     return counts
 
 
@@ -115,14 +116,15 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
     rows = torch.export.Dim("logit_rows", min=1, max=max_draft + 1)
     n = 3
     ids = torch.full((1, n), spec.bos_token_id, dtype=torch.long)
-    weights = Weights(target, drafter)
+    weights, cache = Weights(target, drafter), Quantized()
     counts = {}
 
     with torch.no_grad():
         print("[onnx] embed graph", flush=True)
         embed = EmbedStep(target).eval()
         counts["embed.onnx"] = _export(embed, (ids,), out_dir / "embed.onnx", ["input_ids"],
-                                       ["inputs_embeds", "per_layer_inputs"], weights, recipe, ({1: tokens},))
+                                       ["inputs_embeds", "per_layer_inputs"], weights, recipe, cache,
+                                       ({1: tokens},))
         embeds = torch.zeros(1, n, spec.hidden_size)
         ple = torch.zeros(1, n, spec.attention.num_layers, spec.ple_dim)
 
@@ -136,6 +138,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
             ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names]],
             weights,
             recipe,
+            cache,
             ({1: tokens}, {1: tokens}, {1: tokens}, {0: rows}, [None] * len(caches)),
         )
 
@@ -152,6 +155,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
                 ["logits", "projected_state"],
                 weights,
                 recipe,
+                cache,
             )
             print(f"[onnx] drafting-round graphs k = 1..{max_draft}", flush=True)
             state = torch.zeros(1, 1, spec.hidden_size)
@@ -164,6 +168,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
                     ["draft_tokens"],
                     weights,
                     recipe,
+                    cache,
                 )
 
     info = layout_dict(target, drafter, layout)

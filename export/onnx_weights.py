@@ -23,6 +23,7 @@ from memory instead of the checkpoint.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,19 +78,32 @@ class Weights:
         return self.by_ptr.get(raw.data_ptr()) if isinstance(raw, torch.Tensor) else None
 
 
-class _Quantized:
-    """Quantized weights, computed once for the packed data and the scales written after it."""
+class Quantized:
+    """Quantized weights of one export, computed once: the packed data and the scales of a
+    weight are written one after the other, and a table several graphs hold (the token table:
+    embed, the tied LM head, every drafting-round graph) is quantized once for all. Results
+    stay cached up to `budget` bytes (least recently used first out); a larger one is kept
+    only until the next weight is quantized (the E4B PLE table: 1.4 GB at int4)."""
 
-    def __init__(self):
-        self.key, self.value = None, None
+    def __init__(self, budget: int = 1 << 30):
+        self.budget, self.entries = budget, OrderedDict()
 
     def get(self, param: Param, bits: int, block: int, method: str) -> Blocks:
         key = (param.uid, bits, block, method)
-        if key != self.key:
-            self.key, self.value = None, None  # drop the previous weight before computing the next
-            self.value = quantize_rows(param.read, *param.shape, bits, block, method)
-            self.key = key
-        return self.value
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        for old in [k for k, v in self.entries.items() if _nbytes(v) > self.budget]:
+            del self.entries[old]  # drop an oversized previous weight before computing the next
+        value = quantize_rows(param.read, *param.shape, bits, block, method)
+        self.entries[key] = value
+        while len(self.entries) > 1 and sum(_nbytes(v) for v in self.entries.values()) > self.budget:
+            self.entries.popitem(last=False)
+        return value
+
+
+def _nbytes(q: Blocks) -> int:
+    return q.packed.nbytes + q.scales.nbytes + (q.zero_points.nbytes if q.zero_points is not None else 0)
 
 
 def _lazy(ir, name: str, dtype, shape, fn):
@@ -107,7 +121,7 @@ def _replace(graph, node, value) -> None:
     value.name, value.shape, value.type = name, shape, type_
 
 
-def write_graph(model, path: Path, weights: Weights, recipe: dict | None, log=print) -> dict:
+def write_graph(model, path: Path, weights: Weights, recipe: dict | None, cache: Quantized | None = None) -> dict:
     """Rewrite `model` (an onnx_ir Model from the exporter) per the module docstring and save it
     to `path` with its weights in `path.name + '.data'`. recipe: None (fp32) or the target's ONNX
     quantization (block_size, keep_8bit, method, embedding: "int8" / "int4" / "fp32").
@@ -117,7 +131,7 @@ def write_graph(model, path: Path, weights: Weights, recipe: dict | None, log=pr
     import onnxscript.optimizer
 
     graph = model.graph
-    cache = _Quantized()
+    cache = cache if cache is not None else Quantized()
     counts = {"int4": 0, "int8": 0, "fp32_linears": 0, "tables": 0}
     matched: set[str] = set()
     table_bits = TABLE_BITS.get((recipe or {}).get("embedding", "fp32"))

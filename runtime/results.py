@@ -97,7 +97,11 @@ def _export_rows(name: str, data: dict) -> list[str]:
         if "top1_agreement" in q:
             quality.append(f"{fmt} top-1 {100 * q['top1_agreement']:.1f}%, KL {q['mean_kl']:.4f}")
     quant = data.get("quantization", {})
-    kinds = ", ".join(f"{fmt} {v.get('linear')}" for fmt, v in sorted(quant.items()) if isinstance(v, dict) and "linear" in v)
+    kinds = ", ".join(
+        f"{fmt} {v.get('linear')}" + (f" + {v['embedding']} tables" if v.get("embedding", "fp32") != "fp32" else "")
+        for fmt, v in sorted(quant.items())
+        if isinstance(v, dict) and "linear" in v
+    )
     delegation = quant.get("executorch_delegation", {})
     if delegation:
         shown = [m for m in ("target_step", "draft_step", f"draft_k{data.get('draft_tokens')}") if m in delegation]

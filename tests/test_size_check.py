@@ -97,8 +97,9 @@ def test_an_export_that_cannot_fit_is_refused_before_reading(monkeypatch):
 
 def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_path, monkeypatch, random_pair_dir):
     """The orchestration of one depth, its stages faked: the quantized ExecuTorch program is
-    exported and run, the fp32 one and the ONNX export are skipped with their reasons when
-    they cannot fit the limit, and the run's tokens are compared with the reference's."""
+    exported and run, the fp32 one is skipped with its reason when it cannot fit the limit;
+    quantized ONNX graphs (bounded memory) are always exported and run, fp32 ones skipped
+    when the fp32 pair passes the limit; every run's tokens are compared with the reference's."""
     import json
     import shutil
 
@@ -117,7 +118,7 @@ def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_
         if kind == "reference":
             Path(argv[-1]).write_text(json.dumps({"tokens": [5, 6]}))
         if kind == "onnx-run":  # the ONNX graphs' greedy run: one token off the reference
-            Path(argv[-1]).write_text(json.dumps({"tokens": [5, 7]}))
+            Path(argv[-1]).write_text(json.dumps({"tokens": [5, 7], "rss_anon_bytes": 40, "rss_file_bytes": 30}))
         return {"seconds": 1.0, "peak_rss_bytes": 100, "exit_status": 0, "stopped": None, "progress": [], "log": ""}
 
     monkeypatch.setattr(sc, "measure", fake_measure)
@@ -125,12 +126,19 @@ def test_check_depth_runs_exports_skips_what_cannot_fit_and_compares_tokens(tmp_
     monkeypatch.setattr(sc, "run_native", lambda cli, pte, prompt, n: {"tokens": [5, 6], "peak_rss_bytes": 9,
                                                                         "rss_bytes": 9, "program_mapped_rss_bytes": 4})
     res = sc.check_depth(6, tmp_path, ["android", "linux-x86_64"], limit=100, cli=Path("cli"), new_tokens=2)
-    assert set(res["stages"]) == {"executorch-android", "reference"}
+    assert set(res["stages"]) == {"executorch-android", "onnx-android", "onnx-linux-x86_64", "reference"}
+    assert set(res["skipped"]) == {"executorch-linux-x86_64"}
     assert "fp32 program's lowering" in res["skipped"]["executorch-linux-x86_64"]
-    assert all("bounded-memory ONNX" in res["skipped"][f"onnx-{t}"] for t in ("android", "linux-x86_64"))
     assert res["artifact_bytes"]["executorch-android"] == {"pair.pte": 10}
     assert res["run"]["android"]["equal_to_transformers"] is True
+    assert res["onnx_run"]["android"]["equal_to_transformers"] is False
     assert sc.figures(res)["run-android.rss_excluding_program_map_bytes"] == 5
+    assert sc.figures(res)["onnx-run-android.rss_excluding_mapped_bytes"] == 40
+    monkeypatch.setattr(sc, "fp32_pair_bytes", lambda t, a: 150)  # the fp32 pair alone passes the limit
+    tight = sc.check_depth(6, tmp_path, ["android", "linux-x86_64"], limit=100, cli=None, new_tokens=2)
+    assert "onnx-android" in tight["stages"]  # quantized graphs: bounded memory, never skipped
+    assert "fp32 graphs hold the fp32 pair" in tight["skipped"]["onnx-linux-x86_64"]
+    monkeypatch.setattr(sc, "fp32_pair_bytes", lambda t, a: 60)
     roomy = sc.check_depth(6, tmp_path, ["linux-x86_64"], limit=1000, cli=None, new_tokens=2)
     assert {"executorch-linux-x86_64", "onnx-linux-x86_64", "reference"} == set(roomy["stages"]) and not roomy["run"]
     onnx_run = roomy["onnx_run"]["linux-x86_64"]  # the ONNX export is run and its tokens compared
