@@ -255,6 +255,40 @@ def _data_locations(model) -> set[str]:
     return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
 
 
+def _own_copies(onnx_dir: Path, model, own: str) -> None:
+    """Point every initializer of `model` that lives in another graph's data file (a tied LM
+    head stored once, in embed.onnx.data) at a copy appended to `own`: transformers.js loads
+    one data file per graph. The export's own graphs keep their offsets into `own`."""
+    from export.onnx_data import PAGE
+
+    foreign = [t for t in model.graph.initializer
+               if any(e.key == "location" and e.value != own for e in t.external_data)]
+    if not foreign:
+        return
+    with open(onnx_dir / own, "ab") as out:
+        for t in foreign:
+            ext = {e.key: e.value for e in t.external_data}
+            out.write(b"\0" * (-out.tell() % PAGE))
+            offset = out.tell()
+            with open(onnx_dir / ext["location"], "rb") as src:
+                src.seek(int(ext.get("offset", 0)))
+                remaining = int(ext["length"])
+                while remaining:
+                    block = src.read(min(remaining, 64 << 20))
+                    if not block:
+                        raise ValueError(f"{ext['location']} ends inside tensor {t.name}")
+                    out.write(block)
+                    remaining -= len(block)
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = own
+                elif e.key == "offset":
+                    e.value = str(offset)
+            if "offset" not in ext:
+                e = t.external_data.add()
+                e.key, e.value = "offset", str(offset)
+
+
 def rename_data_files(onnx_dir: Path, renames: dict[str, str]) -> None:
     """Rename external data files of onnx_dir and point every graph (and layout.json's
     shared tensors) at the new names."""
@@ -301,12 +335,9 @@ def write_transformers_js_layout(onnx_dir: Path, linear: str, text_config: dict,
     # data files of embed.onnx and target.onnx become those files
     renames = {}
     for (name, model), source in zip(graphs.items(), ("embed.onnx", "target.onnx")):
-        locations = _data_locations(model)
         own = f"{source}.data"
-        if locations - {own}:
-            raise ValueError(f"{source} reads other graphs' data files {sorted(locations - {own})}; "
-                             "transformers.js loads one data file per graph")
-        if locations:
+        _own_copies(onnx_dir, model, own)
+        if _data_locations(model):
             renames[own] = f"{name}_data"
     rename_data_files(onnx_dir, renames)
     for name, model in graphs.items():

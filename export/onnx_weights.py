@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.quantize_onnx import ACCURACY_LEVEL, Blocks, matmul_nbits_node, quantize_rows, table_decode_nodes
+from export.quantize_onnx import (
+    ACCURACY_LEVEL,
+    Blocks,
+    check_block,
+    matmul_nbits_node,
+    quantize_rows,
+    table_decode_nodes,
+)
 
 TABLE_BITS = {"int8": 8, "int4": 4}
 
@@ -146,6 +153,7 @@ def write_graph(model, path: Path, weights: Weights, recipe: dict | None, cache:
     def blocks_inputs(param: Param, bits: int, method: str, block: int):
         q = lambda: cache.get(param, bits, block, method)  # noqa: E731
         n, k = param.shape
+        check_block(k, block, param.name)  # here, not when the tensor is written
         blob, packed_shape = block * bits // 8, (n, k // block)
         hqq = bits == 4 and method == "hqq"
         tag = f"{param.uid}.q{bits}{'hqq' if hqq else ''}"
@@ -209,6 +217,11 @@ def write_graph(model, path: Path, weights: Weights, recipe: dict | None, cache:
             value.const_value = ir.LazyTensor(lambda p=param, name=value.name: ir.tensor(p.full(), name=name),
                                               dtype=ir.DataType.FLOAT, shape=ir.Shape(list(param.shape)),
                                               name=value.name)
+        else:  # a placeholder the exporter copied would be written as zeros: refuse
+            raw = getattr(value.const_value, "raw", None)
+            if isinstance(raw, torch.Tensor) and raw.numel() > 1 and 0 in raw.stride():
+                raise RuntimeError(f"internal: initializer {value.name} is a copy of a lazily loaded weight; "
+                                   "export from a fully loaded pair (load_pair without lazy=True)")
     if recipe is not None:
         counts["keep_8bit_matched"] = sorted(matched)
     quiet = logging.getLogger("onnx_ir")  # its passes log every folded constant at INFO
