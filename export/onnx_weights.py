@@ -56,8 +56,9 @@ class Param:
 
 
 class Weights:
-    """The parameters of the exported modules, found from an initializer's torch tensor (its
-    data pointer: the exporter wraps the module's own tensors)."""
+    """The floating parameters and buffers of the exported modules (placeholders of a lazy
+    load included), found from an initializer's torch tensor (its data pointer: the exporter
+    wraps the module's own tensors)."""
 
     def __init__(self, *models):
         self.by_ptr: dict[int, Param] = {}
@@ -65,9 +66,9 @@ class Weights:
             if m is None:
                 continue
             lazy = getattr(m, "weight_sources", {})
-            for name, p in m.named_parameters():
+            for name, p in [*m.named_parameters(), *m.named_buffers()]:
                 ptr = p.data_ptr()
-                if ptr in self.by_ptr:
+                if ptr in self.by_ptr or not p.is_floating_point() or (ptr not in lazy and p.numel() <= 1):
                     continue
                 if ptr in lazy:
                     ckpt, key = lazy[ptr]
