@@ -259,34 +259,21 @@ def _own_copies(onnx_dir: Path, model, own: str) -> None:
     """Point every initializer of `model` that lives in another graph's data file (a tied LM
     head stored once, in embed.onnx.data) at a copy appended to `own`: transformers.js loads
     one data file per graph. The export's own graphs keep their offsets into `own`."""
-    from export.onnx_data import PAGE
+    from export.onnx_data import PAGE, _external, _read
 
-    foreign = [t for t in model.graph.initializer
-               if any(e.key == "location" and e.value != own for e in t.external_data)]
+    foreign = [t for t in model.graph.initializer if (_external(t) or {}).get("location", own) != own]
     if not foreign:
         return
     with open(onnx_dir / own, "ab") as out:
         for t in foreign:
-            ext = {e.key: e.value for e in t.external_data}
+            ext = _external(t)
             out.write(b"\0" * (-out.tell() % PAGE))
             offset = out.tell()
-            with open(onnx_dir / ext["location"], "rb") as src:
-                src.seek(int(ext.get("offset", 0)))
-                remaining = int(ext["length"])
-                while remaining:
-                    block = src.read(min(remaining, 64 << 20))
-                    if not block:
-                        raise ValueError(f"{ext['location']} ends inside tensor {t.name}")
-                    out.write(block)
-                    remaining -= len(block)
-            for e in t.external_data:
-                if e.key == "location":
-                    e.value = own
-                elif e.key == "offset":
-                    e.value = str(offset)
-            if "offset" not in ext:
-                e = t.external_data.add()
-                e.key, e.value = "offset", str(offset)
+            out.write(_read(onnx_dir / ext["location"], int(ext.get("offset", 0)), int(ext["length"])))
+            del t.external_data[:]
+            for key, value in (("location", own), ("offset", str(offset)), ("length", ext["length"])):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def rename_data_files(onnx_dir: Path, renames: dict[str, str]) -> None:

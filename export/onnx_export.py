@@ -74,6 +74,8 @@ def _export(module, args, path: Path, input_names, output_names, weights: Weight
     tensors) and write the graph with its weights (export/onnx_weights.py)."""
     import onnx
 
+    from export.executorch_export import _memory  # the same progress figure as the .pte's
+
     t0 = time.time()
     program = torch.onnx.export(
         module,
@@ -91,14 +93,8 @@ def _export(module, args, path: Path, input_names, output_names, weights: Weight
     onnx.checker.check_model(str(path), full_check=False)
     done = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "keep_8bit_matched")
     print(f"      {path.name}: traced {traced:.1f}s, written {time.time() - t0 - traced:.1f}s"
-          f"{f' ({done})' if done else ''} [{_rss()}]", flush=True)
+          f"{f' ({done})' if done else ''} ({_memory()})", flush=True)
     return counts
-
-
-def _rss() -> str:
-    import resource
-
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
 def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int, recipe: dict | None = None) -> dict:

@@ -6,7 +6,8 @@ the exporter is run without its optimizer (which would fold transposes of the pl
 into real tensors). `write_graph` then, on the exported graph (onnx_ir):
 1. each MatMul whose weight is a model parameter reached through a Transpose (an nn.Linear):
    fp32: the weight stored transposed; quantized: onnxruntime's MatMulNBits, 4-bit, or 8-bit
-   where the parameter's name contains one of `keep_8bit` (export/quantize_onnx.py);
+   where the linear's module path (or the parameter's name) contains one of `keep_8bit`
+   (export/quantize_onnx.py);
 2. each Gather from a parameter table (token, PLE and drafter candidate-row tables), when the
    recipe quantizes tables: the table in the same block layout (int8 or int4 rows with
    scales) and the nodes that decode the gathered rows;

@@ -56,10 +56,6 @@ class Blocks:
     bits: int
     block: int
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * self.block
-
 
 def check_block(k: int, block: int, what: str) -> None:
     if block < 16 or block & (block - 1) or k % block:
