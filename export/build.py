@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: target graphs take logit_index and return those rows' logits only
+FORMAT_VERSION = 3  # 2: target graphs take logit_index and return those rows' logits only;
+# 3: cache_layout per format (the .pte's sliding caches are rings, the ONNX graphs' linear)
 QUALITY_NEW_TOKENS = 128
 CALIBRATION_NEW_TOKENS = 128
 
@@ -426,6 +427,14 @@ def assess(p: Plan, formats: dict, draft_tokens: int, out: Path) -> dict:
     return quality
 
 
+def _cache_layout(directory: Path) -> dict:
+    from runtime.artifacts import LAYOUT_FILE
+
+    layout = json.loads((directory / LAYOUT_FILE).read_text())
+    keys = ("max_context", "max_draft", "sliding_cache", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
+    return {k: layout[k] for k in keys}
+
+
 def write_manifest(p: Plan, formats: dict, calibration: dict, quality: dict, out: Path) -> None:
     """Step 7: manifest.json (files with sha256 and size, model and drafter summary, methods
     and I/O, cache layout, gates, draft length, ids, quality, calibration, toolchain)."""
@@ -443,9 +452,7 @@ def write_manifest(p: Plan, formats: dict, calibration: dict, quality: dict, out
             for fmt, b in formats.items()
         },
         "methods": {fmt: b.methods for fmt, b in formats.items()},
-        "cache_layout": {
-            k: layout[k] for k in ("max_context", "max_draft", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
-        },
+        "cache_layout": {fmt: _cache_layout(b.directory) for fmt, b in formats.items()},
         "prefill_chunk": p.cfg.prefill_chunk,
         # the gates this export was judged by: `make parity ARTIFACTS=` reads them from here
         "gates": dataclasses.asdict(p.cfg.gates),

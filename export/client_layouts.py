@@ -7,11 +7,11 @@ initializers keep pointing at the export's external data.
   logits [1, 1, V], present.{i}.key/value): genai's text-only `gemma4_text` decoder feeds
   ids, not embeddings and per-layer inputs, and reads only the last position's logits
   when the graph's logits have a static length of 1. `genai_config.json` beside it: one
-  cache per KV-owning layer (layers 0..first_shared-1, the names genai numbers), full
-  layers `max_context` slots, sliding layers window + cache_slack slots (our ring:
-  window + max_draft + 1), past and present sharing one buffer (the graph writes its ring
-  and full caches in place), no sliding of the cache or the inputs by genai (the graph
-  keeps its own ring by position).
+  cache per KV-owning layer (layers 0..first_shared-1, the names genai numbers), every
+  cache `max_context` slots (slot == position; the sliding layers' window is applied by the
+  graph's attention op), past and present sharing one buffer (the graph's
+  GroupQueryAttention writes the new entries in place), no sliding of the cache or the
+  inputs by genai.
 - transformers.js (`write_transformers_js_layout`): `onnx/embed_tokens{sfx}.onnx` (our
   embed graph: inputs_embeds and per_layer_inputs, as transformers.js' Gemma 4 expects)
   and `onnx/decoder_model_merged{sfx}.onnx` (the target graph taking num_logits_to_keep
@@ -112,6 +112,14 @@ def _drop_output(graph, name: str) -> None:
     graph.output.extend(keep)
 
 
+def _drop_shared_outputs(graph) -> None:
+    """The KV-shared layers' `shared.*` outputs exist for a runtime that binds them to their
+    producer's buffers (ours); a client that does not is better off without them
+    (onnxruntime keeps them internal)."""
+    for o in [o.name for o in graph.output if o.name.startswith("shared.")]:
+        _drop_output(graph, o)
+
+
 def _fold_embed(graph, embed_graph) -> None:
     """Put the embed graph in front of the target graph: its outputs (inputs_embeds,
     per_layer_inputs) feed the target's inputs of those names; every other name of the
@@ -168,6 +176,7 @@ def genai_decoder(onnx_dir: Path):
     _replace_logit_index(model.graph, keep_input=None)
     _set_logits_rows(model.graph, 1)
     _drop_output(model.graph, "last_hidden_state")
+    _drop_shared_outputs(model.graph)
     model.graph.name = "gemma4_genai_decoder"
     return model
 
@@ -179,14 +188,13 @@ def genai_config(layout: dict, text_config: dict) -> dict:
     owners = layout["cache_owners"]
     types = layout["layer_types"]
     shapes = {int(i): s for i, s in layout["cache_shapes"].items()}
-    ring = layout["ring_slots"]
-    window = layout["sliding_window"]
-    sliding = [i for i in owners if types[i] == "sliding_attention"]
     full = [i for i in owners if types[i] != "sliding_attention"]
+    if layout.get("sliding_cache") != "linear":
+        raise ValueError("ring-cache graphs (an export of an older version): genai's shared buffers need linear caches; "
+                         "re-export")
     for i in owners:  # the sizes genai will allocate must be the graph's static cache shapes
-        want = ring if i in sliding else max_context
-        if shapes[i][2] != want:
-            raise ValueError(f"cache of layer {i} has {shapes[i][2]} slots; genai would allocate {want}")
+        if shapes[i][2] != max_context:
+            raise ValueError(f"cache of layer {i} has {shapes[i][2]} slots; genai would allocate {max_context}")
     if owners != list(range(len(owners))):
         raise ValueError(f"cache owners {owners} are not layers 0..n-1; genai numbers its caches from 0")
     eos = layout["eos_token_ids"]
@@ -216,13 +224,6 @@ def genai_config(layout: dict, text_config: dict) -> dict:
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value",
-                },
-                "sliding_window": {
-                    "window_size": window,
-                    "cache_slack": ring - window,
-                    "layers": sliding,
-                    "slide_key_value_cache": False,
-                    "slide_inputs": False,
                 },
             },
         },
@@ -305,6 +306,7 @@ def web_decoder(onnx_dir: Path):
     _replace_logit_index(model.graph, keep_input="num_logits_to_keep")
     _set_logits_rows(model.graph, "logit_rows")
     _drop_output(model.graph, "last_hidden_state")
+    _drop_shared_outputs(model.graph)
     model.graph.name = "gemma4_decoder"
     return model
 

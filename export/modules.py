@@ -52,6 +52,7 @@ class CacheLayout:
     attention: AttentionLayout
     max_context: int
     max_draft: int
+    linear: bool = False  # sliding caches of max_context slots too (a ring that never wraps)
 
     def __post_init__(self):
         if self.max_context <= self.attention.sliding_window:
@@ -63,6 +64,8 @@ class CacheLayout:
 
     @property
     def ring_slots(self) -> int:
+        if self.linear:  # slot == position % max_context == position
+            return self.max_context
         return self.attention.sliding_window + self.max_draft + 1
 
     @property
@@ -118,6 +121,9 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
         "max_draft": layout.max_draft,
         "logit_rows": layout.max_draft + 1,
         "ring_slots": layout.ring_slots,
+        # linear: every cache has max_context slots, slot == position (written in place by the
+        # ONNX graphs' attention op); ring: sliding caches are rings of ring_slots (the .pte)
+        "sliding_cache": "linear" if layout.linear else "ring",
         "cache_owners": layout.owners,
         "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
         "layer_types": list(a.layer_types),
@@ -305,9 +311,12 @@ class TargetStep(nn.Module):
     """Functional target step: caches in, updated caches out (ONNX form). Caches are given
     as key, value per owner layer in `layout.owners` order."""
 
-    def __init__(self, target, layout: CacheLayout, xnnpack: bool = False):
+    def __init__(self, target, layout: CacheLayout, xnnpack: bool = False, fused: bool = False):
         super().__init__()
+        if fused and (xnnpack or not layout.linear):
+            raise ValueError("fused attention (onnxruntime's GroupQueryAttention) needs linear caches and the ONNX ops")
         self.ops = Ops(xnnpack)
+        self.fused = fused
         self.model = target.model
         self.lm_head = target.lm_head
         self.layout = layout
@@ -316,18 +325,71 @@ class TargetStep(nn.Module):
         self.producers = layout.attention.kv_producers()
         for lt in (SLIDING, FULL):
             self.register_buffer(f"rot_{lt}", _rotate_matrix(layout.attention.head_dim_of(lt)), persistent=False)
+            if fused:
+                from export.gqa import rope_tables
+
+                rotary = target.model.rotary_emb
+                cos, sin = rope_tables(getattr(rotary, f"{lt}_inv_freq"), getattr(rotary, f"{lt}_attention_scaling"),
+                                       layout.max_context)
+                self.register_buffer(f"cos_{lt}", cos, persistent=False)
+                self.register_buffer(f"sin_{lt}", sin, persistent=False)
 
     def forward(self, inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches):
-        a = self.layout.attention
         m = self.model
-        positions = position_ids[0]  # [N]
-        start = positions[0]
-        n = positions.shape[0]
-
         # PLE, context path: projection of the embeddings, normalised, joined to the token path.
         proj = m.per_layer_model_projection(inputs_embeds) * m.per_layer_model_projection_scale
         proj = self.ops.rms(m.per_layer_projection_norm, proj.reshape(_dyn(per_layer_inputs.shape)))
         ple = (proj + per_layer_inputs) * m.per_layer_input_scale
+        if self.fused:
+            h, present = self._fused_layers(inputs_embeds, ple, position_ids[0], caches)
+        else:
+            h, present = self._layers(inputs_embeds, ple, position_ids[0], caches)
+        hidden = self.ops.rms(m.norm, h)
+        logits = self.lm_head(hidden.index_select(1, logit_index))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return (logits, hidden, *present)
+
+    def _fused_layers(self, h, ple, positions, caches):
+        """Every layer's attention as one `gemma4::gqa` (export/gqa.py): RoPE, cache write
+        and attention over the valid range inside onnxruntime. A KV-shared layer calls it with
+        its producer's past caches and new K/V: it writes the same entries to the same slots,
+        into outputs (`shared.{i}.key/value`) that the runtime binds to the producer's
+        buffers, so that no layer copies a cache (see `fused_output_names`)."""
+        from export.gqa import gqa
+
+        a = self.layout.attention
+        total = (positions[-1:] + 1).to(torch.int32)  # [1]
+        seqlens = total - 1
+        total = total.reshape(())
+        present, aliases, kv = [], [], {}
+        for i, layer in enumerate(self.model.layers):
+            lt = a.layer_types[i]
+            attn = layer.self_attn
+            d = attn.head_dim
+            heads = attn.config.num_attention_heads
+            x = self.ops.rms(layer.input_layernorm, h)
+            q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), d)).reshape(1, -1, heads * d)
+            if i < a.first_shared_layer:
+                k = self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), d))
+                kvh = k.shape[2]
+                k = k.reshape(1, -1, kvh * d)
+                v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), d)).reshape(1, -1, kvh * d)
+                kv[i] = (k, v, caches[2 * i], caches[2 * i + 1])
+            src = kv[i if i < a.first_shared_layer else self.producers[lt]]
+            kvh = src[2].shape[1]
+            window = self.window if lt == SLIDING else 0
+            out, pk, pv = gqa(q, *src, seqlens, total, getattr(self, f"cos_{lt}"), getattr(self, f"sin_{lt}"),
+                              heads, kvh, window)
+            (present if i < a.first_shared_layer else aliases).extend([pk, pv])
+            h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
+        return h, present + aliases
+
+    def _layers(self, inputs_embeds, ple, positions, caches):
+        a = self.layout.attention
+        m = self.model
+        start = positions[0]
+        n = positions.shape[0]
 
         rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in (SLIDING, FULL)}
         # masks as functions of the query rows' positions q_pos [R, 1] (R = N * group)
@@ -394,12 +456,7 @@ class TargetStep(nn.Module):
                 kv = shared_kv[lt]
             out = _attend(q, *kv, bias.get(lt, q, kv[0]))
             h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
-
-        hidden = self.ops.rms(m.norm, h)
-        logits = self.lm_head(hidden.index_select(1, logit_index))
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return (logits, hidden, *present)
+        return h, present
 
 
 class DrafterStep(nn.Module):

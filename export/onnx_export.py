@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from export.config import TargetSpec
+from export.gqa import ONNX_TRANSLATIONS
 from export.modules import CacheLayout, DrafterStep, DraftTokens, EmbedStep, TargetStep, layout_dict
 from export.onnx_data import dedup_external_data
 from export.onnx_weights import Quantized, Weights, write_graph
@@ -85,6 +86,7 @@ def _export(module, args, path: Path, input_names, output_names, weights: Weight
         dynamic_shapes=dynamic_shapes,
         dynamo=True,
         optimize=False,
+        custom_translation_table=ONNX_TRANSLATIONS,
         opset_version=OPSET,
         verbose=False,
     )
@@ -105,7 +107,7 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = TargetSpec.from_hf(target.config)
-    layout = CacheLayout(spec.attention, max_context, max_draft)
+    layout = CacheLayout(spec.attention, max_context, max_draft, linear=True)
     caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
     names = layout.cache_names()
     tokens = torch.export.Dim("tokens", min=1, max=max_context)
@@ -125,13 +127,14 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
         ple = torch.zeros(1, n, spec.attention.num_layers, spec.ple_dim)
 
         print("[onnx] target graph", flush=True)
-        step = _ListCaches(TargetStep(target, layout)).eval()
+        step = _ListCaches(TargetStep(target, layout, fused=True)).eval()
         counts["target.onnx"] = _export(
             step,
             (embeds, ple, torch.arange(n)[None], torch.arange(1, n), caches),
             out_dir / "target.onnx",
             ["inputs_embeds", "per_layer_inputs", "position_ids", "logit_index", *names],
-            ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names]],
+            ["logits", "last_hidden_state", *[x.replace("past_key_values", "present") for x in names],
+             *shared_output_names(spec.attention)],
             weights,
             recipe,
             cache,
@@ -174,6 +177,13 @@ def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int
     share_weights(out_dir)
     check_graphs(out_dir)
     return info
+
+
+def shared_output_names(attention) -> list[str]:
+    """The target graph's outputs after the present caches: per KV-shared layer, the cache its
+    attention op writes (the producer's entries again; bound to the producer's buffers)."""
+    return [f"shared.{i}.{kv}" for i in range(attention.first_shared_layer, attention.num_layers)
+            for kv in ("key", "value")]
 
 
 def share_weights(out_dir: Path) -> dict:

@@ -4,11 +4,14 @@ onnxruntime and the artifacts' layout.json only, so it runs where torch is absen
 Steps per call:
 - `target(ids, start)`: embed graph (ids -> embeddings, PLE rows), then the target graph in
   chunks of at most `prefill_chunk` tokens, its present caches becoming the next past.
-  The caches live in two preallocated sets of buffers that the target session is bound to
-  (I/O binding): a call reads the past from one set and writes the present into the other,
-  then the two swap, so no cache is allocated, copied in or copied out per call
-  (`io_binding=False`: plain `run` with the caches as numpy feeds and fresh outputs, kept
-  as the baseline `make bench-peers` measures the binding against);
+  Every cache is linear (max_context slots, slot == position) and the target session is
+  bound to one preallocated buffer per cache (I/O binding) as both its past input and its
+  present output: the graph's attention op (onnxruntime's GroupQueryAttention) writes a
+  call's new entries in place, and a KV-shared layer's `shared.{i}.*` outputs are bound to
+  its producer's buffers (the same entries written again), so no cache is allocated,
+  copied in or copied out per call (`io_binding=False`: plain `run` with the caches as
+  numpy feeds and fresh outputs, kept as the baseline `make bench-peers` measures the
+  binding against);
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
   drafter graph over the target's producer caches (last full and last sliding owner);
 - `draft_tokens(token, state, position, k)`: a whole drafting round in one call of
@@ -85,10 +88,18 @@ class OnnxBackend:
         self.eos_token_ids = tuple(self.layout["eos_token_ids"])
         self.max_draft = self.layout["max_draft"]
         self.vocab_size = self.layout["vocab_size"]
-        self.result_names = [o.name for o in self.target_sess.get_outputs()][:2]  # logits, last_hidden_state
-        self.present_names = [o.name for o in self.target_sess.get_outputs()][2:]
-        self.caches: dict[str, np.ndarray] = {}  # the past of the next call
-        self._spare: dict[str, np.ndarray] = {}  # where the next bound call writes its present
+        outputs = [o.name for o in self.target_sess.get_outputs()]
+        self.result_names = outputs[:2]  # logits, last_hidden_state
+        self.present_names = [o for o in outputs if o.startswith("present.")]
+        if self.layout.get("sliding_cache") != "linear":
+            raise ArtifactError(
+                f"{self.dir} holds ring-cache ONNX graphs from an older version of this toolchain; re-export them"
+            )
+        # shared.{i}.key/value (KV-shared layer i) -> the cache of its producer
+        producers, types = self.layout["kv_producers"], self.layout["layer_types"]
+        self.alias_of = {o: f"past_key_values.{producers[types[int(o.split('.')[1])]]}.{o.split('.')[2]}"
+                         for o in outputs if o.startswith("shared.")}
+        self.caches: dict[str, np.ndarray] = {}  # the past of the next call (and, bound, its present)
         self.reset()
 
     def _load_shared(self) -> list[tuple[dict, ort.OrtValue, np.ndarray]]:
@@ -115,10 +126,9 @@ class OnnxBackend:
         shapes = self.layout["cache_shapes"]
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
         if self.io_binding:
-            self._spare = {name: np.zeros_like(a) for name, a in self.caches.items()}
-            # one binding per direction, its caches bound once: a call rebinds only its own
-            # inputs (embeddings, PLE rows, positions, logit rows) and result outputs
-            self._bindings = [self._bind_caches(self.caches, self._spare), self._bind_caches(self._spare, self.caches)]
+            # the caches bound once: a call rebinds only its own inputs (embeddings, PLE rows,
+            # positions, logit rows) and result outputs
+            self._binding = self._bind_caches()
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})
@@ -143,35 +153,36 @@ class OnnxBackend:
             if self.io_binding:
                 logits, h = self._bound_run(feed)
             else:
-                out = self.target_sess.run(None, {**feed, **self.caches})
-                logits, h = out[0][0], out[1][0]
-                self.caches = dict(zip(self.past_names, out[2:]))
+                out = dict(zip([o.name for o in self.target_sess.get_outputs()], self.target_sess.run(None, {**feed, **self.caches})))
+                logits, h = out[self.result_names[0]][0], out[self.result_names[1]][0]
+                self.caches = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
             hidden.append(h)
         return logits, np.concatenate(hidden)
 
-    def _bind_caches(self, past: dict, present: dict):
+    def _bind_caches(self):
         io = self.target_sess.io_binding()
         for name in self.result_names:  # first: get_outputs() lists outputs in binding order
             io.bind_output(name)
+
+        def bind(kind, name, buf):
+            getattr(io, f"bind_{kind}")(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+
         for p, q in zip(self.past_names, self.present_names):
-            src, dst = past[p], present[p]
-            io.bind_input(p, "cpu", 0, np.float32, list(src.shape), src.ctypes.data)
-            io.bind_output(q, "cpu", 0, np.float32, list(dst.shape), dst.ctypes.data)
+            bind("input", p, self.caches[p])
+            bind("output", q, self.caches[p])  # the same buffer: written in place
+        for name, cache in self.alias_of.items():
+            bind("output", name, self.caches[cache])
         return io
 
     def _bound_run(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
-        """One target call over the bound cache buffers: past from `caches`, present into
-        `_spare` (never the same buffer: a prefill chunk's ring write replaces slots that
-        its own earlier queries still read), then the two sets (and bindings) swap."""
-        io = self._bindings[0]
+        """One target call over the bound cache buffers (past and present one buffer each)."""
+        io = self._binding
         for name, value in feed.items():
             io.bind_cpu_input(name, value)
         for name in self.result_names:  # rebound in place: a fresh array per call (row count varies)
             io.bind_output(name)
         self.target_sess.run_with_iobinding(io)
         logits, hidden = io.get_outputs()[:2]
-        self.caches, self._spare = self._spare, self.caches
-        self._bindings.reverse()
         return logits.numpy()[0], hidden.numpy()[0]
 
     def _shared_kv_feed(self, feed: dict) -> dict:

@@ -12,13 +12,13 @@ from export import client_layouts as cl
 TEXT_CONFIG = {"num_attention_heads": 8, "pad_token_id": 0}
 
 
-def _layout(ring=69, full_slots=640, owners=(0, 1, 2, 3, 4, 5)):
+def _layout(sliding_slots=640, full_slots=640, owners=(0, 1, 2, 3, 4, 5), sliding_cache="linear"):
     types = ["sliding_attention", "sliding_attention", "full_attention"] * 4
-    shapes = {str(i): [1, 2, ring if types[i] == "sliding_attention" else full_slots, 256 if types[i] ==
+    shapes = {str(i): [1, 2, sliding_slots if types[i] == "sliding_attention" else full_slots, 256 if types[i] ==
                        "sliding_attention" else 512] for i in owners}
-    return {"max_context": 640, "max_draft": 4, "ring_slots": 69, "sliding_window": 64, "cache_owners": list(owners),
+    return {"max_context": 640, "max_draft": 4, "ring_slots": 640, "sliding_window": 64, "cache_owners": list(owners),
             "cache_shapes": shapes, "layer_types": types, "eos_token_ids": [1, 106], "bos_token_id": 2,
-            "vocab_size": 2048, "hidden_size": 128}
+            "vocab_size": 2048, "hidden_size": 128, "sliding_cache": sliding_cache}
 
 
 def test_genai_config_describes_our_cache_layout():
@@ -27,9 +27,8 @@ def test_genai_config_describes_our_cache_layout():
     assert config["model"]["type"] == "gemma4_text" and decoder["filename"] == cl.GENAI_DECODER
     assert decoder["num_hidden_layers"] == 6 and decoder["num_key_value_heads"] == 2
     assert decoder["head_size"] == 512  # full layers' head dim; genai reads per-layer dims from the graph
-    window = decoder["sliding_window"]
-    assert window == {"window_size": 64, "cache_slack": 5, "layers": [0, 1, 3, 4], "slide_key_value_cache": False,
-                      "slide_inputs": False}
+    # every cache max_context slots, no window handling by genai: the graph's attention op applies it
+    assert "sliding_window" not in decoder
     assert config["search"]["max_length"] == 640 and config["search"]["past_present_share_buffer"]
     assert config["model"]["eos_token_id"] == [1, 106]
 
@@ -37,9 +36,10 @@ def test_genai_config_describes_our_cache_layout():
 @pytest.mark.parametrize(
     "layout, message",
     [
-        (_layout(ring=70), "layer 0 has 70 slots; genai would allocate 69"),
+        (_layout(sliding_slots=69), "layer 0 has 69 slots; genai would allocate 640"),
         (_layout(full_slots=1024), "layer 2 has 1024 slots; genai would allocate 640"),
         (_layout(owners=(1, 2, 3)), "not layers 0..n-1"),
+        (_layout(sliding_cache="ring"), "ring-cache graphs"),
     ],
 )
 def test_genai_config_refuses_caches_genai_would_size_differently(layout, message):

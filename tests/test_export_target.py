@@ -71,7 +71,11 @@ def test_manifest_describes_every_file(exported):
     io = manifest["methods"]["onnx"]["target"]
     assert io["inputs"][0]["name"] == "inputs_embeds" and isinstance(io["inputs"][0]["shape"][1], str)  # dynamic
     assert {"logits", "last_hidden_state"} <= {o["name"] for o in io["outputs"]}
-    assert manifest["cache_layout"]["ring_slots"] == 64 + 4 + 1
+    onnx_caches = manifest["cache_layout"]["onnx"]  # linear: every cache max_context slots
+    assert onnx_caches["sliding_cache"] == "linear" and onnx_caches["ring_slots"] == onnx_caches["max_context"]
+    assert all(shape[2] == onnx_caches["max_context"] for shape in onnx_caches["cache_shapes"].values())
+    if "executorch" in manifest["cache_layout"]:  # the .pte's sliding caches: rings of window + max_draft + 1
+        assert manifest["cache_layout"]["executorch"]["ring_slots"] == 64 + 4 + 1
     assert manifest["eos_token_ids"] == [1]
     cal = manifest["draft_calibration"]
     assert 1 <= manifest["draft_tokens"] <= 4 and cal["step_costs_source"] == "given"
@@ -213,9 +217,9 @@ def test_manifest_lists_the_client_layouts(exported):
     assert {"onnx/embed_tokens_q4.onnx_data", "onnx/decoder_model_merged_q4.onnx_data"} <= set(genai)
     assert not list((exported / "onnx").glob("*.data.*")) and not (exported / "onnx" / "target.onnx.data").exists()
     config = json.loads((exported / "onnx" / "genai_config.json").read_text())
-    window = config["model"]["decoder"]["sliding_window"]
-    assert window["window_size"] + window["cache_slack"] == manifest["cache_layout"]["ring_slots"]
-    assert config["search"]["max_length"] == manifest["cache_layout"]["max_context"]
+    # linear caches: genai allocates max_length slots for every cache, as the graph's inputs say
+    assert "sliding_window" not in config["model"]["decoder"]
+    assert config["search"]["max_length"] == manifest["cache_layout"]["onnx"]["max_context"]
 
 
 def test_onnxruntime_genai_generates_our_greedy_tokens(exported, client_prompt, our_greedy):

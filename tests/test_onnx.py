@@ -40,18 +40,29 @@ def _io(path):
     return m, {v.name: dims(v) for v in m.graph.input}, {v.name: dims(v) for v in m.graph.output}
 
 
-def test_sliding_caches_are_rings_not_full_context(onnx_dir):
+def test_caches_are_linear_and_attention_is_one_fused_op_per_layer(onnx_dir):
+    """Every cache has max_context slots (slot == position; the graph's attention op writes
+    it in place); each layer's attention is one GroupQueryAttention; a KV-shared layer's op
+    writes into `shared.{i}.*` outputs of its producer's shape (bound to its buffers)."""
     layout = json.loads((onnx_dir / "layout.json").read_text())
-    _, ins, outs = _io(onnx_dir / "target.onnx")
-    window = layout["sliding_window"]
-    for i, t in enumerate(layout["layer_types"][: len(layout["cache_owners"])]):
-        slots = window + MAX_DRAFT + 1 if t == "sliding_attention" else MAX_CONTEXT
+    m, ins, outs = _io(onnx_dir / "target.onnx")
+    assert layout["sliding_cache"] == "linear" and layout["ring_slots"] == MAX_CONTEXT
+    types = layout["layer_types"]
+    for i, t in enumerate(types):
         head_dim = 32 if t == "sliding_attention" else 64
         for kv in ("key", "value"):
-            assert ins[f"past_key_values.{i}.{kv}"] == [1, 1, slots, head_dim]
-            assert outs[f"present.{i}.{kv}"] == [1, 1, slots, head_dim]
-    # KV-shared layers (6..11) own no cache
-    assert not any(name.startswith("past_key_values.6.") for name in ins)
+            if i in layout["cache_owners"]:
+                assert ins[f"past_key_values.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
+                assert outs[f"present.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
+            else:  # KV-shared layers (6..11) own no cache
+                assert f"past_key_values.{i}.{kv}" not in ins
+                assert outs[f"shared.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    assert len(gqa) == len(types)
+    windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in gqa]
+    assert windows == [layout["sliding_window"] if t == "sliding_attention" else 0 for t in types]
+    # no attention of the plain ops is left (no softmax, no cache scatter or concat)
+    assert not {n.op_type for n in m.graph.node} & {"Softmax", "ScatterElements", "ScatterND", "Concat"}
     assert ins["inputs_embeds"][1] == ins["position_ids"][1] and isinstance(ins["inputs_embeds"][1], str)
 
 
@@ -250,7 +261,7 @@ def test_chunked_prefill_and_rollback_match_transformers(onnx_dir, pair):
         out = target(torch.tensor([ids]), output_hidden_states=True)
     ref, ref_hidden = out.logits[0].numpy(), out.hidden_states[-1][0].numpy()
     rows = backend.max_draft + 1  # a call returns the logits of its last max_draft + 1 positions
-    logits, hidden = backend.target(PROMPT, 0)  # 3 chunks past the ring size
+    logits, hidden = backend.target(PROMPT, 0)  # 3 chunks, past two windows
     junk, _ = backend.target([7, 8, 9, 10, 11], len(PROMPT))  # rejected drafts...
     tail, tail_hidden = backend.target(ids[len(PROMPT) :], len(PROMPT))  # ...overwritten from the same start
     assert logits.shape[0] == tail.shape[0] == rows
@@ -262,13 +273,14 @@ def test_chunked_prefill_and_rollback_match_transformers(onnx_dir, pair):
     assert err < 1e-4, err
 
 
-def test_bound_caches_equal_plain_runs_and_are_never_reallocated(onnx_dir):
-    """I/O binding: the target writes its present caches into two preallocated buffer sets
-    that swap each call; results equal plain `run` (fresh cache arrays per call) exactly,
-    through chunked prefill past the ring, a rollback and decode steps."""
+def test_bound_caches_equal_plain_runs_and_are_written_in_place(onnx_dir):
+    """I/O binding: each cache is one preallocated buffer, bound as the target's past input
+    and present output (and as the `shared.*` outputs of the layers that share it); results
+    equal plain `run` (fresh cache arrays per call) exactly, through chunked prefill past
+    the window, a rollback and decode steps."""
     bound = OnnxBackend(onnx_dir, prefill_chunk=50)
     plain = OnnxBackend(onnx_dir, prefill_chunk=50, io_binding=False)
-    buffers = {id(a) for a in bound.caches.values()} | {id(a) for a in bound._spare.values()}
+    buffers = {name: a for name, a in bound.caches.items()}
     calls = [(PROMPT, 0), ([7, 8, 9, 10, 11], len(PROMPT)), ([12, 13], len(PROMPT))]
     calls += [([20 + i], len(PROMPT) + 2 + i) for i in range(70)]  # decode past another window
     for ids, start in calls:
@@ -276,9 +288,11 @@ def test_bound_caches_equal_plain_runs_and_are_never_reallocated(onnx_dir):
         # same graph, same inputs, same kernels: bit-identical (a stale or misplaced cache is not)
         np.testing.assert_array_equal(lb, lp)
         np.testing.assert_array_equal(hb, hp)
-        assert {id(a) for a in bound.caches.values()} <= buffers
+        assert all(bound.caches[name] is a for name, a in buffers.items())
+    end = len(PROMPT) + 2 + 70  # slots past the last position hold rejected or no entries in both
     for name, cache in plain.caches.items():
-        np.testing.assert_array_equal(bound.caches[name], cache)
+        np.testing.assert_array_equal(bound.caches[name][:, :, :end], cache[:, :, :end])
+    assert np.abs(bound.caches["past_key_values.0.key"][:, :, end - 1]).sum() > 0  # written in place
 
 
 def test_greedy_and_speculative_tokens_equal_transformers(onnx_dir, pair):
