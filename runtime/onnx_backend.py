@@ -123,6 +123,13 @@ class OnnxBackend:
         return _session(self.dir / graph, threads, shared)
 
     def reset(self) -> None:
+        """Empty caches. Bound: nothing to do after the first time. A call reads slots below
+        its own positions only (GroupQueryAttention: the valid range; the drafter: masked
+        below its position), all written by this run's earlier calls, so old entries need no
+        clearing, and the buffers (resident, bound) are kept: fresh ones would fault their
+        pages in during the next prefill (measured: +1 ms on an 80-token prompt)."""
+        if self.io_binding and self.caches:
+            return
         shapes = self.layout["cache_shapes"]
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
         if self.io_binding:
