@@ -41,6 +41,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ PEER_CACHE = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "expor
 # measured beside the bound default to show what the binding gains
 OURS = ("onnx", "executorch", "onnx-unbound")
 # ours / peer ratios reported, each of our backends against its own family's peer first
+PAUSE_S = 0.2  # between backends in the interleaved runs (see `run`)
 PAIRS = [("executorch", "executorch-example"), ("onnx", "mobius"), ("onnx", "executorch-example"),
          ("executorch", "mobius"), ("onnx", "onnx-unbound")]
 
@@ -324,6 +326,9 @@ def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list
     for r in range(-1, repeats):
         for n, ids in prompts.items():
             for name, backend in backends.items():
+                # a pause first: the previous backend's thread pool (onnxruntime's workers spin
+                # after a run) must not share the two cores with this one's prefill
+                time.sleep(PAUSE_S)
                 tokens, _, timer = greedy_generate(backend, ids, new_tokens)
                 entry = raw[n][name]
                 entry["tokens_equal"] &= tokens == reference[n]
