@@ -42,14 +42,18 @@ def grouped_pair():
     return target, drafter
 
 
-@pytest.mark.parametrize("xnnpack", [False, True], ids=["onnxruntime-form", "xnnpack-form"])
-def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pair, xnnpack):
+@pytest.mark.parametrize("form", ["onnxruntime", "xnnpack", "fused"],
+                         ids=["onnxruntime-form", "xnnpack-form", "fused-attention-linear-caches"])
+def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pair, form):
+    """fused: the ONNX graphs' form (export/gqa.py's reference of GroupQueryAttention over
+    linear caches; the graph itself is checked in tests/test_onnx.py and test_shapes.py)."""
     target, drafter = grouped_pair
     spec = TargetSpec.from_hf(target.config)
     assert spec.attention.kv_heads(SLIDING) == 2 and spec.attention.kv_heads(FULL) == 2
-    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT)
+    xnnpack, fused = form == "xnnpack", form == "fused"
+    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, linear=fused)
     embed = EmbedStep(target)
-    step = TargetStep(target, layout, xnnpack=xnnpack)
+    step = TargetStep(target, layout, xnnpack=xnnpack, fused=fused)
     dstep = DrafterStep(drafter, layout, xnnpack=xnnpack)
     ids = torch.randint(3, spec.vocab_size, (1, 150))  # past two 64-token windows
     with torch.no_grad():
@@ -59,6 +63,7 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
         for a, b in ((0, 97), (97, 150)):  # two chunks, the second crossing the window
             e, ple = embed(ids[:, a:b])
             lg, hd, *caches = step(e, ple, torch.arange(a, b)[None], torch.arange(b - a), *caches)  # every row
+            caches = caches[: 2 * len(layout.owners)]  # fused: the shared layers' outputs follow
             logits.append(lg[0])
             hidden.append(hd[0])
         ours = torch.cat(logits)
@@ -85,6 +90,14 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
     assert ((d_logits[0, 0][cand] - ref_l).abs().max() / ref_l.abs().max()).item() < 1e-4
     rel = (d_state - expected.last_hidden_state).abs().max() / expected.last_hidden_state.abs().max()
     assert rel.item() < 1e-4
+
+
+def test_fused_attention_needs_linear_caches(grouped_pair):
+    target, _ = grouped_pair
+    spec = TargetSpec.from_hf(target.config)
+    with pytest.raises(ValueError, match="linear caches"):
+        TargetStep(target, CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT), fused=True)
+    assert CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, linear=True).shape(0)[2] == MAX_CONTEXT
 
 
 @pytest.mark.parametrize("xnnpack", [False, True], ids=["onnxruntime-form", "xnnpack-form"])
