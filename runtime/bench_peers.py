@@ -56,7 +56,7 @@ PEER_CACHE = Path(os.environ.get("GEMMA4_EXPORT_CACHE", REPO / ".cache" / "expor
 # measured beside the bound default to show what the binding gains
 OURS = ("onnx", "executorch", "onnx-unbound")
 # ours / peer ratios reported, each of our backends against its own family's peer first
-PAUSE_S = 0.2  # between backends in the interleaved runs (see `run`)
+PAUSE_S = 0.5  # between backends in the interleaved runs (see `run`): past OpenMP's 200 ms spin (KMP_BLOCKTIME)
 PAIRS = [("executorch", "executorch-example"), ("onnx", "mobius"), ("onnx", "executorch-example"),
          ("executorch", "mobius"), ("onnx", "onnx-unbound")]
 
