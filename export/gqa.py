@@ -104,12 +104,18 @@ def _onnx_gqa(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads: int, k
 
     _register_schema()
     ms = Opset("com.microsoft", 1)
+    return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, cos, sin,
+                                  **node_attributes(heads, kv_heads, window))
+
+
+def node_attributes(heads: int, kv_heads: int, window: int) -> dict:
+    """The GroupQueryAttention node's attributes for `gqa`'s arguments."""
     attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": 1.0, "do_rotary": 1, "rotary_interleaved": 0}
     if window > 0:
         # onnxruntime 1.32's CPU kernel: a query sees the last local_window_size keys, its own
         # included (measured: window - 1 drops one key from every prompt row past the window)
         attrs["local_window_size"] = window
-    return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, **attrs)
+    return attrs
 
 
 ONNX_TRANSLATIONS = {torch.ops.gemma4.gqa.default: _onnx_gqa}
