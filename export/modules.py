@@ -355,7 +355,7 @@ class TargetStep(nn.Module):
         and attention over the valid range inside onnxruntime. A KV-shared layer calls it with
         its producer's past caches and new K/V: it writes the same entries to the same slots,
         into outputs (`shared.{i}.key/value`) that the runtime binds to the producer's
-        buffers, so that no layer copies a cache (see `fused_output_names`)."""
+        buffers, so that no layer copies a cache (export/onnx_export.py `shared_output_names`)."""
         from export.gqa import gqa
 
         a = self.layout.attention

@@ -127,7 +127,7 @@ class OnnxBackend:
         its own positions only (GroupQueryAttention: the valid range; the drafter: masked
         below its position), all written by this run's earlier calls, so old entries need no
         clearing, and the buffers (resident, bound) are kept: fresh ones would fault their
-        pages in during the next prefill (measured: +1 ms on an 80-token prompt)."""
+        pages in during the next prefill."""
         if self.io_binding and self.caches:
             return
         shapes = self.layout["cache_shapes"]
@@ -160,7 +160,8 @@ class OnnxBackend:
             if self.io_binding:
                 logits, h = self._bound_run(feed)
             else:
-                out = dict(zip([o.name for o in self.target_sess.get_outputs()], self.target_sess.run(None, {**feed, **self.caches})))
+                names = [o.name for o in self.target_sess.get_outputs()]
+                out = dict(zip(names, self.target_sess.run(None, {**feed, **self.caches})))
                 logits, h = out[self.result_names[0]][0], out[self.result_names[1]][0]
                 self.caches = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
             hidden.append(h)
