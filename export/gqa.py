@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-NEG = -1e30
+from export.modules import NEG
 
 
 @torch.library.custom_op("gemma4::gqa", mutates_args=())
@@ -90,9 +90,10 @@ def _register_schema() -> None:
               P("total_sequence_length", "M"), P("cos_cache", "T", param_option=opt),
               P("sin_cache", "T", param_option=opt)]
     outputs = [P("output", "T"), P("present_key", "T"), P("present_value", "T")]
+    # only num_heads and kv_num_heads are required
     ints = [A(name, OpSchema.AttrType.INT, "", required=name.endswith("num_heads")) for name in
             ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved")]
-    defs.register_schema(OpSchema(  # only num_heads and kv_num_heads are required
+    defs.register_schema(OpSchema(
         "GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
         type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[*ints, A("scale", OpSchema.AttrType.FLOAT, "", required=False)],

@@ -371,13 +371,11 @@ class TargetStep(nn.Module):
             x = self.ops.rms(layer.input_layernorm, h)
             q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), d)).reshape(1, -1, heads * d)
             if i < a.first_shared_layer:
-                k = self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), d))
-                kvh = k.shape[2]
-                k = k.reshape(1, -1, kvh * d)
-                v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), d)).reshape(1, -1, kvh * d)
+                k = self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), d)).flatten(2)
+                v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), d)).flatten(2)
                 kv[i] = (k, v, caches[2 * i], caches[2 * i + 1])
             src = kv[i if i < a.first_shared_layer else self.producers[lt]]
-            kvh = src[2].shape[1]
+            kvh = src[2].shape[1]  # the cache's KV heads
             window = self.window if lt == SLIDING else 0
             out, pk, pv = gqa(q, *src, seqlens, total, getattr(self, f"cos_{lt}"), getattr(self, f"sin_{lt}"),
                               heads, kvh, window)
