@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 3  # 2: target graphs take logit_index and return those rows' logits only;
-# 3: cache_layout per format (the .pte's sliding caches are rings, the ONNX graphs' linear)
+FORMAT_VERSION = 4  # 2: target graphs take logit_index and return those rows' logits only;
+# 3: cache_layout per format (the .pte's sliding caches are rings, the ONNX graphs' linear);
+# 4: the ONNX graphs' sliding caches are window caches (sliding_block, max_call_tokens)
 QUALITY_NEW_TOKENS = 128
 CALIBRATION_NEW_TOKENS = 128
 
@@ -431,8 +432,9 @@ def _cache_layout(directory: Path) -> dict:
     from runtime.artifacts import LAYOUT_FILE
 
     layout = json.loads((directory / LAYOUT_FILE).read_text())
-    keys = ("max_context", "max_draft", "sliding_cache", "ring_slots", "cache_owners", "cache_shapes", "kv_producers")
-    return {k: layout[k] for k in keys}
+    keys = ("max_context", "max_draft", "sliding_cache", "ring_slots", "sliding_block", "max_call_tokens",
+            "cache_owners", "cache_shapes", "kv_producers")
+    return {k: layout[k] for k in keys if k in layout}  # the last two: window caches only
 
 
 def write_manifest(p: Plan, formats: dict, calibration: dict, quality: dict, out: Path) -> None:

@@ -9,7 +9,8 @@ initializers keep pointing at the export's external data.
   when the graph's logits have a static length of 1. `genai_config.json` beside it: one
   cache per KV-owning layer (layers 0..first_shared-1, the names genai numbers), every
   cache `max_context` slots (slot == position; the sliding layers' window is applied by the
-  graph's attention op), past and present sharing one buffer (the graph's
+  graph's attention op; the export's window caches are made linear: `_linear_sliding_caches`),
+  past and present sharing one buffer (the graph's
   GroupQueryAttention writes the new entries in place), no sliding of the cache or the
   inputs by genai.
 - transformers.js (`write_transformers_js_layout`): `onnx/embed_tokens{sfx}.onnx` (our
@@ -120,6 +121,50 @@ def _drop_shared_outputs(graph) -> None:
         _drop_output(graph, o)
 
 
+def _linear_sliding_caches(graph, layout: dict) -> None:
+    """Sliding caches of max_context slots, slot == position, as clients allocate them: the
+    export's graph keeps them as window caches whose base the runtime moves
+    (runtime/artifacts.py), which a client does not do. Each sliding attention node takes
+    the full layers' lengths and the whole RoPE tables instead of the window's (base 0
+    always), the sliding caches' inputs and outputs get max_context slots, and the base's
+    arithmetic, left unused, goes."""
+    if layout.get("sliding_cache") != "window":
+        return
+    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    windowed = [n for n in nodes if any(a.name == "local_window_size" for a in n.attribute)]
+    full = next(n for n in nodes if n not in windowed)
+    producer = {o: n for n in graph.node for o in n.output}
+    for n in windowed:
+        n.input[5], n.input[6] = full.input[5], full.input[6]  # seqlens_k, total_sequence_length
+        for j in (7, 8):  # cos, sin: the table rows of the window -> the table
+            rows = producer.get(n.input[j])
+            if rows is None or rows.op_type != "Gather":
+                raise ValueError(f"{n.name}: RoPE table input {n.input[j]!r} is not a Gather of the table")
+            n.input[j] = rows.input[0]
+    types = layout["layer_types"]
+    for v in [*graph.input, *graph.output]:
+        parts = v.name.split(".")
+        if parts[0] in ("past_key_values", "present", "shared") and types[int(parts[1])] == "sliding_attention":
+            dim = v.type.tensor_type.shape.dim[2]
+            dim.Clear()
+            dim.dim_value = layout["max_context"]
+    _prune(graph)
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose results nothing reads, then initializers nothing reads."""
+    while True:
+        used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def _fold_embed(graph, embed_graph) -> None:
     """Put the embed graph in front of the target graph: its outputs (inputs_embeds,
     per_layer_inputs) feed the target's inputs of those names; every other name of the
@@ -169,6 +214,7 @@ def genai_decoder(onnx_dir: Path):
     """embed.onnx + target.onnx as one decoder for onnxruntime-genai (a ModelProto)."""
     onnx_dir = Path(onnx_dir)
     model = _load(onnx_dir / "target.onnx")
+    _linear_sliding_caches(model.graph, json.loads((onnx_dir / LAYOUT_FILE).read_text()))
     embed = _load(onnx_dir / "embed.onnx")
     _merge_opsets(model, embed)
     model.ir_version = max(model.ir_version, embed.ir_version)
@@ -189,11 +235,13 @@ def genai_config(layout: dict, text_config: dict) -> dict:
     types = layout["layer_types"]
     shapes = {int(i): s for i, s in layout["cache_shapes"].items()}
     full = [i for i in owners if types[i] != "sliding_attention"]
-    if layout.get("sliding_cache") != "linear":
+    if layout.get("sliding_cache") not in ("window", "linear"):
         raise ValueError("ring-cache graphs (an export of an older version): genai's shared buffers need linear caches; "
                          "re-export")
-    for i in owners:  # the sizes genai will allocate must be the graph's static cache shapes
-        if shapes[i][2] != max_context:
+    # window caches become max_context slots in the decoder (`_linear_sliding_caches`)
+    linearized = {i for i in owners if layout["sliding_cache"] == "window" and types[i] == "sliding_attention"}
+    for i in owners:  # the sizes genai will allocate must be the decoder's static cache shapes
+        if shapes[i][2] != max_context and i not in linearized:
             raise ValueError(f"cache of layer {i} has {shapes[i][2]} slots; genai would allocate {max_context}")
     if owners != list(range(len(owners))):
         raise ValueError(f"cache owners {owners} are not layers 0..n-1; genai numbers its caches from 0")
@@ -303,6 +351,7 @@ def rename_data_files(onnx_dir: Path, renames: dict[str, str]) -> None:
 def web_decoder(onnx_dir: Path):
     """target.onnx taking num_logits_to_keep instead of logit_index (a ModelProto)."""
     model = _load(Path(onnx_dir) / "target.onnx")
+    _linear_sliding_caches(model.graph, json.loads((Path(onnx_dir) / LAYOUT_FILE).read_text()))
     _replace_logit_index(model.graph, keep_input="num_logits_to_keep")
     _set_logits_rows(model.graph, "logit_rows")
     _drop_output(model.graph, "last_hidden_state")

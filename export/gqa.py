@@ -1,13 +1,17 @@
 """Fused attention for the ONNX target graph: onnxruntime's GroupQueryAttention
 (com.microsoft) as a torch custom op, `gemma4::gqa`.
 
-What the op does, per layer and call (N new tokens at positions p..p+N-1, p = total - N):
+What the op does, per layer and call (N new tokens at slots p..p+N-1, p = total - N):
 RoPE on q and k (non-interleaved rotate-half over the whole head, angles from the cos/sin
-tables [max_context, d/2] at the absolute positions), the new K/V written into the cache at
-slots p..p+N-1 (slot == position), and attention of each new query over slots 0..its own
-position (the window's last `window` of them on sliding layers), scale 1.0 (Gemma 4
-normalises q and k instead). Only the valid range of the cache is read: a 80-token prompt
-attends over 80 slots, not `max_context`.
+tables [slots, d/2] at the slots), the new K/V written into the cache at slots p..p+N-1,
+and attention of each new query over slots 0..its own (the window's last `window` of them
+on sliding layers), scale 1.0 (Gemma 4 normalises q and k instead). Only the valid range
+of the cache is read: a 80-token prompt attends over 80 slots, not `max_context`. Full
+caches: slot == position. Sliding (window) caches: slot == position - base (see
+runtime/artifacts.py), so the caller passes lengths minus base and the table rows from
+base on: the op then reads at most a window cache's slots, however long the sequence.
+q may be packed (q, k and v heads in one tensor, k and v None): one input for a cache
+owner's three projections.
 
 When the runtime binds a layer's past and present cache to one buffer (I/O binding),
 onnxruntime writes the N new entries in place: no cache is copied per call. Unbound (plain
@@ -28,9 +32,9 @@ from export.modules import NEG
 
 @torch.library.custom_op("gemma4::gqa", mutates_args=())
 def gqa(
-    q: torch.Tensor,  # [1, N, heads * d]
-    k: torch.Tensor,  # [1, N, kv_heads * d] (before RoPE)
-    v: torch.Tensor,  # [1, N, kv_heads * d]
+    q: torch.Tensor,  # [1, N, heads * d], or packed [1, N, (heads + 2 * kv_heads) * d] with k and v None
+    k: torch.Tensor | None,  # [1, N, kv_heads * d] (before RoPE)
+    v: torch.Tensor | None,  # [1, N, kv_heads * d]
     past_k: torch.Tensor,  # [1, kv_heads, slots, d]
     past_v: torch.Tensor,
     seqlens_k: torch.Tensor,  # int32 [1]: p + N - 1
@@ -44,6 +48,8 @@ def gqa(
     """Eager reference of onnxruntime's GroupQueryAttention as this project calls it."""
     n = q.shape[1]
     d = past_k.shape[-1]
+    if k is None:  # packed: the query heads, then the key heads, then the value heads
+        q, k, v = q.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     end = int(total)
     start = end - n
     pos = torch.arange(start, end)
@@ -72,7 +78,8 @@ def gqa(
 
 @gqa.register_fake
 def _(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, heads, kv_heads, window):
-    return q.new_empty(q.shape), past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
+    out = q.new_empty(q.shape[0], q.shape[1], heads * past_k.shape[-1])
+    return out, past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
 
 
 def _register_schema() -> None:

@@ -5,12 +5,17 @@ The cache layout (see `CacheLayout`):
 - only layers that own KV have a cache; KV-shared layers attend to their source layer's
   K/V of the same step (the last owner of the same type);
 - full layers: `max_context` slots, slot == absolute position;
-- sliding layers: a ring of `window + max_draft + 1` slots, slot == position % slots.
-  Which position a slot holds is derived from the call's start position p alone: the most
-  recent position < p congruent to the slot. Entries written by a rejected draft are never
-  "rolled back": they either get overwritten by the next call or lie outside every mask
-  (shown in `CacheLayout.ring_positions`). So committing a round is just choosing the next
-  start position.
+- sliding layers, the .pte: a ring of `window + max_draft + 1` slots, slot == position %
+  slots. Which position a slot holds is derived from the call's start position p alone: the
+  most recent position < p congruent to the slot. Entries written by a rejected draft are
+  never "rolled back": they either get overwritten by the next call or lie outside every
+  mask (shown in `CacheLayout.ring_positions`). So committing a round is just choosing the
+  next start position;
+- sliding layers, the ONNX graphs (`call_tokens` set): a window cache of `window +
+  max_draft + 64 + call_tokens` slots holding positions base.. (runtime/artifacts.py),
+  base a function of p that the runtime and the graph compute alike; the runtime moves the
+  entries when the base changes. Rejected drafts are as harmless as in the ring (read only
+  below p).
 
 Steps of `TargetStep.forward(inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches)`
 (N new tokens at positions p..p+N-1; N = prompt chunk, 1 for decode, k+1 for verify):
@@ -45,14 +50,20 @@ from runtime.artifacts import cache_names, eos_ids
 NEG = -1e30  # finite fill: masked scores and centroid-head non-candidates
 
 
+SLIDING_BLOCK = 64  # window caches: the base moves by multiples of this (runtime/artifacts.py)
+
+
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shapes of the target's caches, one entry per cache-owning layer."""
+    """Shapes of the target's caches, one entry per cache-owning layer.
+
+    call_tokens None: sliding caches are rings (the .pte); an int: window caches (the ONNX
+    graphs; runtime/artifacts.py describes both) for calls of at most that many tokens."""
 
     attention: AttentionLayout
     max_context: int
     max_draft: int
-    linear: bool = False  # sliding caches of max_context slots too (a ring that never wraps)
+    call_tokens: int | None = None
 
     def __post_init__(self):
         if self.max_context <= self.attention.sliding_window:
@@ -61,11 +72,26 @@ class CacheLayout:
             )
         if self.max_draft < 1:
             raise ValueError("max_draft must be >= 1")
+        if self.call_tokens is not None and self.call_tokens < self.max_draft + 1:
+            raise ValueError(f"call_tokens {self.call_tokens} must hold a verify pass of max_draft + 1 tokens")
+
+    @property
+    def window(self) -> bool:
+        return self.call_tokens is not None
+
+    @property
+    def sliding_block(self) -> int:
+        """Window caches: the step of their base; max_context when a window cache would be
+        as long as the context (then base is always 0: slot == position)."""
+        if self.attention.sliding_window + self.max_draft + SLIDING_BLOCK + self.call_tokens >= self.max_context:
+            return self.max_context
+        return SLIDING_BLOCK
 
     @property
     def ring_slots(self) -> int:
-        if self.linear:  # slot == position % max_context == position
-            return self.max_context
+        if self.window:  # a call at p writes up to p + call_tokens - 1; base > p - window - 1 - max_draft - block
+            return min(self.max_context,
+                       self.attention.sliding_window + self.max_draft + SLIDING_BLOCK + self.call_tokens)
         return self.attention.sliding_window + self.max_draft + 1
 
     @property
@@ -88,16 +114,29 @@ class CacheLayout:
         producers = self.attention.kv_producers()
         return [2 * self.owners.index(producers[t]) + kv for t in (FULL, SLIDING) for kv in (0, 1)]
 
-    def ring_positions(self, start: torch.Tensor) -> torch.Tensor:
-        """Absolute position held by each ring slot before a call starting at `start`:
-        the latest position < start with position % slots == slot (negative: empty).
+    def sliding_base(self, start: torch.Tensor) -> torch.Tensor:
+        """Window caches: the position at slot 0 during a call starting at `start` (the
+        runtime's runtime.artifacts.sliding_base, in graph ops); rings: 0."""
+        if not self.window:
+            return torch.zeros_like(start)
+        block = self.sliding_block
+        return torch.div(torch.clamp(start - self.attention.sliding_window - 1 - self.max_draft, min=0), block,
+                         rounding_mode="floor") * block
 
-        Safe with rejected drafts: a slot last written by a rejected position r >= start
-        (r <= start + max_draft - 1) is reported as r - slots <= start - window - 2, below
-        every window that reads the ring (target: >= start - window + 1; drafter:
-        >= start - window - 1), so it is always masked out."""
+    def ring_positions(self, start: torch.Tensor) -> torch.Tensor:
+        """Absolute position held by each sliding slot before a call starting at `start`
+        (negative: empty, or not below `start`).
+
+        Window caches: base + slot. Rings: the latest position < start with position %
+        slots == slot. Safe with rejected drafts: a ring slot last written by a rejected
+        position r >= start (r <= start + max_draft - 1) is reported as r - slots <= start -
+        window - 2, below every window that reads the ring (target: >= start - window + 1;
+        drafter: >= start - window - 1), so it is always masked out."""
         s = self.ring_slots
         slot = torch.arange(s, dtype=torch.long)
+        if self.window:
+            pos = self.sliding_base(start) + slot
+            return torch.where(pos < start, pos, -1)
         # dividend kept non-negative: ExecuTorch's int remainder follows C sign rules
         return (start - 1) - torch.remainder(start - 1 - slot + s, s)
 
@@ -121,9 +160,10 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
         "max_draft": layout.max_draft,
         "logit_rows": layout.max_draft + 1,
         "ring_slots": layout.ring_slots,
-        # linear: every cache has max_context slots, slot == position (written in place by the
-        # ONNX graphs' attention op); ring: sliding caches are rings of ring_slots (the .pte)
-        "sliding_cache": "linear" if layout.linear else "ring",
+        # window: the ONNX graphs' sliding caches (positions base.. at slots 0..; written in
+        # place by their attention op); ring: the .pte's (runtime/artifacts.py)
+        "sliding_cache": "window" if layout.window else "ring",
+        **({"sliding_block": layout.sliding_block, "max_call_tokens": layout.call_tokens} if layout.window else {}),
         "cache_owners": layout.owners,
         "cache_shapes": {str(i): list(layout.shape(i)) for i in layout.owners},
         "layer_types": list(a.layer_types),
@@ -291,6 +331,15 @@ class _Biases:
         return self.done[key]
 
 
+class _UnitNorm:
+    """An RMSNorm without a scale (`Ops.rms` multiplies by ones: one fused norm node)."""
+
+    with_scale = False
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+
 class EmbedStep(nn.Module):
     """input_ids [1, N] -> inputs_embeds [1, N, H] (scaled), per_layer_inputs [1, N, L, P]."""
 
@@ -313,8 +362,8 @@ class TargetStep(nn.Module):
 
     def __init__(self, target, layout: CacheLayout, xnnpack: bool = False, fused: bool = False):
         super().__init__()
-        if fused and (xnnpack or not layout.linear):
-            raise ValueError("fused attention (onnxruntime's GroupQueryAttention) needs linear caches and the ONNX ops")
+        if fused and (xnnpack or not layout.window):
+            raise ValueError("fused attention (onnxruntime's GroupQueryAttention) needs window caches and the ONNX ops")
         self.ops = Ops(xnnpack)
         self.fused = fused
         self.model = target.model
@@ -329,10 +378,22 @@ class TargetStep(nn.Module):
                 from export.gqa import rope_tables
 
                 rotary = target.model.rotary_emb
+                # sliding: the op reads rows base.. of the table (slot == position - base)
+                rows = layout.max_context + (layout.ring_slots if lt == SLIDING else 0)
                 cos, sin = rope_tables(getattr(rotary, f"{lt}_inv_freq"), getattr(rotary, f"{lt}_attention_scaling"),
-                                       layout.max_context)
+                                       rows)
                 self.register_buffer(f"cos_{lt}", cos, persistent=False)
                 self.register_buffer(f"sin_{lt}", sin, persistent=False)
+        if fused:  # per cache owner: the scales of its packed q/k/v head rows (see _fused_layers)
+            for i in layout.owners:
+                attn = target.model.layers[i].self_attn
+                heads, kvh = attn.config.num_attention_heads, layout.shape(i)[1]
+                norms = (attn.q_norm, attn.k_norm, attn.v_norm)
+                if len({n.eps for n in norms}) != 1:
+                    raise ValueError(f"layer {i}: q/k/v norms with different eps cannot be packed")
+                scale = [(n.weight.detach().float() if n.with_scale else torch.ones(attn.head_dim)).expand(c, -1)
+                         for n, c in zip(norms, (heads, kvh, kvh))]
+                self.register_buffer(f"qkv_scale_{i}", torch.cat(scale), persistent=False)
 
     def forward(self, inputs_embeds, per_layer_inputs, position_ids, logit_index, *caches):
         m = self.model
@@ -355,31 +416,56 @@ class TargetStep(nn.Module):
         and attention over the valid range inside onnxruntime. A KV-shared layer calls it with
         its producer's past caches and new K/V: it writes the same entries to the same slots,
         into outputs (`shared.{i}.key/value`) that the runtime binds to the producer's
-        buffers, so that no layer copies a cache (export/onnx_export.py `shared_output_names`)."""
+        buffers, so that no layer copies a cache (export/onnx_export.py `shared_output_names`).
+
+        A cache owner's Q, K and V are one packed tensor: the three projections concatenated
+        (one MatMul in the written graph: export/onnx_weights.py merges them), the q/k/v norms
+        as one RMSNorm over every head row followed by one multiply with the heads' scales
+        (the v norm has none: ones), passed packed to the op (a producer of KV-shared layers
+        splits it: they need its K and V)."""
         from export.gqa import gqa
 
         a = self.layout.attention
-        total = (positions[-1:] + 1).to(torch.int32)  # [1]
-        seqlens = total - 1
-        total = total.reshape(())
+        end = positions[-1:] + 1  # [1]
+        # sliding caches hold positions base.. at slots 0..: the op's lengths and RoPE rows
+        # are taken relative to base (one Gather of ring_slots table rows per call)
+        base = self.layout.sliding_base(positions[:1])
+        rows = base + torch.arange(self.layout.ring_slots)
+        lengths, rope = {}, {}
+        for lt, offset in ((FULL, None), (SLIDING, base)):
+            total = (end if offset is None else end - offset).to(torch.int32)
+            lengths[lt] = (total - 1, total.reshape(()))
+            cos, sin = getattr(self, f"cos_{lt}"), getattr(self, f"sin_{lt}")
+            rope[lt] = (cos, sin) if offset is None else (cos.index_select(0, rows), sin.index_select(0, rows))
         present, aliases, kv = [], [], {}
+        producers = set(self.producers.values())
         for i, layer in enumerate(self.model.layers):
             lt = a.layer_types[i]
             attn = layer.self_attn
             d = attn.head_dim
             heads = attn.config.num_attention_heads
             x = self.ops.rms(layer.input_layernorm, h)
-            q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), d)).reshape(1, -1, heads * d)
-            if i < a.first_shared_layer:
-                k = self.ops.rms(attn.k_norm, _heads(attn.k_proj(x), d)).flatten(2)
-                v = self.ops.rms(attn.v_norm, _heads(attn.v_proj(x), d)).flatten(2)
-                kv[i] = (k, v, caches[2 * i], caches[2 * i + 1])
-            src = kv[i if i < a.first_shared_layer else self.producers[lt]]
-            kvh = src[2].shape[1]  # the cache's KV heads
             window = self.window if lt == SLIDING else 0
-            out, pk, pv = gqa(q, *src, seqlens, total, getattr(self, f"cos_{lt}"), getattr(self, f"sin_{lt}"),
-                              heads, kvh, window)
-            (present if i < a.first_shared_layer else aliases).extend([pk, pv])
+            seqlens, total = lengths[lt]
+            rope_lt = rope[lt]
+            if i < a.first_shared_layer:
+                past = caches[2 * i], caches[2 * i + 1]
+                kvh = past[0].shape[1]  # the cache's KV heads
+                qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+                normed = self.ops.rms(_UnitNorm(attn.q_norm.eps), qkv.reshape(1, -1, heads + 2 * kvh, d))
+                qkv = (normed * getattr(self, f"qkv_scale_{i}")).flatten(2)
+                if i in producers:
+                    q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=-1)
+                    kv[i] = (k, v, *past)
+                    out, pk, pv = gqa(q, k, v, *past, seqlens, total, *rope_lt, heads, kvh, window)
+                else:
+                    out, pk, pv = gqa(qkv, None, None, *past, seqlens, total, *rope_lt, heads, kvh, window)
+                present.extend([pk, pv])
+            else:
+                q = self.ops.rms(attn.q_norm, _heads(attn.q_proj(x), d)).flatten(2)
+                src = kv[self.producers[lt]]
+                out, pk, pv = gqa(q, *src, seqlens, total, *rope_lt, heads, src[2].shape[1], window)
+                aliases.extend([pk, pv])
             h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
         return h, present + aliases
 

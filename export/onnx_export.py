@@ -15,7 +15,8 @@ Steps:
      -> draft_tokens [1, k]: a whole drafting round in one call (`DraftTokens`: token
      embedding, k steps, argmax inside), the runtime's fast path;
 3. `onnx.checker` on each graph, then `check_graphs`: names, opset and cache shapes as the
-   layout says (sliding caches have window + max_draft + 1 slots);
+   layout says (sliding caches are window caches of window + 64 + CALL_TOKENS slots, full
+   caches max_context: runtime/artifacts.py);
 4. each graph's weights written one at a time as they are read (export/onnx_weights.py:
    linears stored transposed in fp32 or as MatMulNBits, tables optionally quantized), then
    external data deduplicated across graphs (export/onnx_data.py): a tensor several graphs
@@ -41,6 +42,7 @@ from export.onnx_weights import Quantized, Weights, write_graph
 from runtime.artifacts import LAYOUT_FILE, SHARED_KV_NAMES
 
 OPSET = 20  # Gelu(approximate="tanh") is one op from opset 20
+CALL_TOKENS = 256  # tokens per target call (prefill chunk) the window caches are sized for
 
 
 def draft_graph_name(k: int) -> str:
@@ -99,15 +101,18 @@ def _export(module, args, path: Path, input_names, output_names, weights: Weight
     return counts
 
 
-def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int, recipe: dict | None = None) -> dict:
+def export_onnx(target, drafter, out_dir: Path, max_context: int, max_draft: int, recipe: dict | None = None,
+                call_tokens: int = CALL_TOKENS) -> dict:
     """Write embed.onnx, target.onnx, drafter.onnx, drafter_k*.onnx and layout.json into
     out_dir. recipe: the target's ONNX quantization (`OnnxSpec.recipe`; None: fp32), applied as
-    each weight is written. A pair loaded with `load_pair(lazy=True)` is exported in bounded
-    memory (one weight at a time); layout.json's `quantization` holds the MatMulNBits counts."""
+    each weight is written. call_tokens: the most tokens a target call of our runtime takes
+    (its prefill chunk), which sizes the sliding window caches. A pair loaded with
+    `load_pair(lazy=True)` is exported in bounded memory (one weight at a time); layout.json's
+    `quantization` holds the MatMulNBits counts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = TargetSpec.from_hf(target.config)
-    layout = CacheLayout(spec.attention, max_context, max_draft, linear=True)
+    layout = CacheLayout(spec.attention, max_context, max_draft, call_tokens=min(call_tokens, max_context))
     caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
     names = layout.cache_names()
     tokens = torch.export.Dim("tokens", min=1, max=max_context)

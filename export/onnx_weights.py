@@ -52,8 +52,27 @@ class Param:
     shape: tuple
     read: object  # (a, b) -> fp32 numpy rows a..b-1
 
+    parts: tuple = ()  # a stacked linear's parameters, in row order (`stacked`)
+
     def full(self) -> np.ndarray:
         return self.read(0, self.shape[0]) if self.shape else self.read(None, None)
+
+
+def stacked(params: list[Param]) -> Param:
+    """[sum N, K]: the rows of each [N_i, K] parameter in turn (linears of one input)."""
+    ends = np.cumsum([p.shape[0] for p in params])
+
+    def read(a, b):
+        rows, start = [], 0
+        for p, end in zip(params, ends):
+            lo, hi = max(a, start), min(b, end)
+            if lo < hi:
+                rows.append(p.read(lo - start, hi - start))
+            start = end
+        return np.concatenate(rows)
+
+    return Param("+".join(p.name for p in params), "+".join(p.uid for p in params),
+                 (int(ends[-1]), params[0].shape[1]), read, tuple(params))
 
 
 class Weights:
@@ -102,6 +121,11 @@ class Quantized:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
+        if param.parts:  # a stacked linear: its parts' blocks, row after row
+            blocks = [self.get(p, bits, block, method) for p in param.parts]
+            cat = lambda name: None if getattr(blocks[0], name) is None else np.concatenate(  # noqa: E731
+                [getattr(b, name) for b in blocks])
+            return Blocks(cat("packed"), cat("scales"), cat("zero_points"), bits, block)
         for old in [k for k, v in self.entries.items() if _nbytes(v) > self.budget]:
             del self.entries[old]  # drop an oversized previous weight before computing the next
         value = quantize_rows(param.read, *param.shape, bits, block, method)
@@ -169,34 +193,82 @@ def write_graph(model, path: Path, weights: Weights, recipe: dict | None, cache:
                                                   lambda: q().zero_points))
         return packed, scales, zp
 
-    for node in list(graph):
-        if node.op_type == "MatMul" and node.domain == "":
-            t = node.inputs[1].producer()
-            if t is None or t.op_type != "Transpose":
-                continue
-            param = weights.find(t.inputs[0])
-            perm = t.attributes.get("perm")
-            if param is None or len(param.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
-                continue
-            n, k = param.shape
-            if recipe is None or recipe.get("linear", "int4") == "fp32":
-                wt = init((param.uid, "t"), _lazy(ir, f"{param.uid}.transposed", ir.DataType.FLOAT, (k, n),
-                                                   lambda p=param: np.ascontiguousarray(p.full().T)))
+    def linear_param(node):
+        """The parameter of a MatMul over a model linear's weight (x @ W^T), or None."""
+        if node is None or node.op_type != "MatMul" or node.domain != "":
+            return None
+        t = node.inputs[1].producer()
+        if t is None or t.op_type != "Transpose":
+            return None
+        param = weights.find(t.inputs[0])
+        perm = t.attributes.get("perm")
+        if param is None or len(param.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
+            return None
+        return param
+
+    def bits_of(node, param):
+        """8 where the linear's module path (a tied LM head's parameter is named after the
+        table) contains a `keep_8bit` pattern, else 4; the patterns hit."""
+        scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "") + " " + param.name
+        hits = {s for s in recipe["keep_8bit"] if s in scope}
+        return (8 if hits else 4), hits
+
+    def emit_linear(node, x, param, bits, hits):
+        """`node`'s output (x @ W^T) computed by the linear's stored form: fp32 MatMul over
+        the transposed weight, or MatMulNBits."""
+        nonlocal matched
+        n, k = param.shape
+        if recipe is None or recipe.get("linear", "int4") == "fp32":
+            wt = init((param.uid, "t"), _lazy(ir, f"{param.uid}.transposed", ir.DataType.FLOAT, (k, n),
+                                               lambda p=param: np.ascontiguousarray(p.full().T)))
+            if node.op_type == "MatMul":
                 node.replace_input_with(1, wt)
-                counts["fp32_linears"] += 1
-                continue
-            # the linear's module path (a tied LM head's parameter is named after the table)
-            scope = node.metadata_props.get("pkg.torch.onnx.name_scopes", "") + " " + param.name
-            hits = [s for s in recipe["keep_8bit"] if s in scope]
-            matched |= set(hits)
-            bits = 8 if hits else 4
-            method, block = recipe["method"], recipe["block_size"]
-            packed, scales, zp = blocks_inputs(param, bits, method, block)
-            level = ACCURACY_LEVEL[method]
-            q = matmul_nbits_node(ir, node.inputs[0], packed, scales, zp, k, n, bits, block, level, f"{node.name}/nbits")
-            graph.insert_before(node, q)
-            _replace(graph, node, q.outputs[0])
-            counts[f"int{bits}"] += 1
+            else:
+                mm = ir.node("MatMul", [x, wt], name=f"{node.name}/linear")
+                graph.insert_before(node, mm)
+                _replace(graph, node, mm.outputs[0])
+            counts["fp32_linears"] += 1
+            return
+        matched |= hits
+        method, block = recipe["method"], recipe["block_size"]
+        packed, scales, zp = blocks_inputs(param, bits, method, block)
+        q = matmul_nbits_node(ir, x, packed, scales, zp, k, n, bits, block, ACCURACY_LEVEL[method], f"{node.name}/nbits")
+        graph.insert_before(node, q)
+        _replace(graph, node, q.outputs[0])
+        counts[f"int{bits}"] += 1
+
+    # Linears of one input concatenated on their output dim (a cache owner's q, k, v
+    # projections: export/modules.py) become one linear over the stacked weights: one
+    # MatMul node instead of three and a concat, a wider GEMM. Quantized, the stacked weight
+    # is its parts' blocks one after the other (the same numbers as unmerged).
+    for node in list(graph):
+        if node.op_type != "Concat" or node.domain != "" or len(node.inputs) < 2:
+            continue
+        rank = node.outputs[0].shape.rank() if node.outputs[0].shape is not None else None
+        axis = node.attributes.get("axis").as_int()
+        parts = [v.producer() for v in node.inputs]
+        params = [linear_param(p) for p in parts]
+        if rank is None or axis not in (-1, rank - 1) or any(p is None for p in params):
+            continue
+        x = parts[0].inputs[0]
+        if any(p.inputs[0] is not x or len(p.outputs[0].uses()) != 1 for p in parts) or \
+                len({p.shape[1] for p in params}) != 1:
+            continue
+        bits = hits = None
+        if recipe is not None and recipe.get("linear", "int4") != "fp32":
+            found = [bits_of(p, w) for p, w in zip(parts, params)]
+            if len({b for b, _ in found}) != 1:
+                continue  # parts stored at different widths stay apart
+            bits, hits = found[0][0], set().union(*(h for _, h in found))
+        emit_linear(node, x, stacked(params), bits, hits)
+        for p in parts:  # read by nothing now: not to be written as linears of their own below
+            graph.remove(p, safe=True)
+
+    for node in list(graph):
+        param = linear_param(node)
+        if param is not None:
+            bits, hits = bits_of(node, param) if recipe is not None else (None, None)
+            emit_linear(node, node.inputs[0], param, bits, hits)
         elif node.op_type == "Gather" and node.domain == "" and table_bits is not None:
             param = weights.find(node.inputs[0])
             axis = node.attributes.get("axis")

@@ -3,15 +3,17 @@ onnxruntime and the artifacts' layout.json only, so it runs where torch is absen
 
 Steps per call:
 - `target(ids, start)`: embed graph (ids -> embeddings, PLE rows), then the target graph in
-  chunks of at most `prefill_chunk` tokens, its present caches becoming the next past.
-  Every cache is linear (max_context slots, slot == position) and the target session is
-  bound to one preallocated buffer per cache (I/O binding) as both its past input and its
-  present output: the graph's attention op (onnxruntime's GroupQueryAttention) writes a
-  call's new entries in place, and a KV-shared layer's `shared.{i}.*` outputs are bound to
-  its producer's buffers (the same entries written again), so no cache is allocated,
-  copied in or copied out per call (`io_binding=False`: plain `run` with the caches as
-  numpy feeds and fresh outputs, kept as the baseline `make bench-peers` measures the
-  binding against);
+  chunks of at most `prefill_chunk` tokens (at most the export's `max_call_tokens`), its
+  present caches becoming the next past. Full caches are linear (max_context slots, slot
+  == position), sliding caches are window caches (runtime/artifacts.py: positions base..
+  at slots 0..; before a call whose base differs, the held entries are moved, every 64
+  positions), and the target session is bound to one preallocated buffer per cache
+  (I/O binding) as both its past input and its present output: the graph's attention op
+  (onnxruntime's GroupQueryAttention) writes a call's new entries in place, and a KV-shared
+  layer's `shared.{i}.*` outputs are bound to its producer's buffers (the same entries
+  written again), so no cache is allocated, copied in or copied out per call
+  (`io_binding=False`: plain `run` with the caches as numpy feeds and fresh outputs, kept
+  as the baseline `make bench-peers` measures the binding against);
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
   drafter graph over the target's producer caches (last full and last sliding owner);
 - `draft_tokens(token, state, position, k)`: a whole drafting round in one call of
@@ -31,7 +33,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.artifacts import LAYOUT_FILE, ArtifactError, cache_names, shared_kv_sources
+from runtime.artifacts import (
+    LAYOUT_FILE,
+    ArtifactError,
+    cache_names,
+    shared_kv_sources,
+    shift_window,
+    sliding_base,
+    window_held,
+)
 from runtime.loop import chained_drafts, prefill_chunks
 
 __all__ = ["ArtifactError", "LAYOUT_FILE", "OnnxBackend"]
@@ -83,7 +93,7 @@ class OnnxBackend:
         self.round_sess: dict[int, ort.InferenceSession] = {}
         self.owners = self.layout["cache_owners"]
         self.past_names = cache_names(self.owners)
-        self.prefill_chunk = min(prefill_chunk, self.layout["max_context"])
+        self.prefill_chunk = min(prefill_chunk, self.layout.get("max_call_tokens", self.layout["max_context"]))
         self.shared_names = shared_kv_sources(self.layout["kv_producers"])
         self.eos_token_ids = tuple(self.layout["eos_token_ids"])
         self.max_draft = self.layout["max_draft"]
@@ -91,12 +101,14 @@ class OnnxBackend:
         outputs = [o.name for o in self.target_sess.get_outputs()]
         self.result_names = outputs[:2]  # logits, last_hidden_state
         self.present_names = [o for o in outputs if o.startswith("present.")]
-        if self.layout.get("sliding_cache") != "linear":
+        if self.layout.get("sliding_cache") not in ("window", "linear"):  # linear: stop 18's, slot == position
             raise ArtifactError(
                 f"{self.dir} holds ring-cache ONNX graphs from an older version of this toolchain; re-export them"
             )
+        types = self.layout["layer_types"]
+        self.window_names = [n for n in self.past_names if types[int(n.split(".")[1])] == "sliding_attention"]
         # shared.{i}.key/value (KV-shared layer i) -> the cache of its producer
-        producers, types = self.layout["kv_producers"], self.layout["layer_types"]
+        producers = self.layout["kv_producers"]
         self.alias_of = {o: f"past_key_values.{producers[types[int(o.split('.')[1])]]}.{o.split('.')[2]}"
                          for o in outputs if o.startswith("shared.")}
         self.caches: dict[str, np.ndarray] = {}  # the past of the next call (and, bound, its present)
@@ -128,6 +140,7 @@ class OnnxBackend:
         below its position), all written by this run's earlier calls, so old entries need no
         clearing, and the buffers (resident, bound) are kept: fresh ones would fault their
         pages in during the next prefill."""
+        self.sliding_base = 0  # the position at slot 0 of the sliding (window) caches
         if self.io_binding and self.caches:
             return
         shapes = self.layout["cache_shapes"]
@@ -151,6 +164,7 @@ class OnnxBackend:
         for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
             embeds, ple = self.embed(ids[a:b])
             pos = start + a
+            self._move_window(pos)
             feed = {
                 "inputs_embeds": embeds,
                 "per_layer_inputs": ple,
@@ -193,6 +207,18 @@ class OnnxBackend:
         logits, hidden = io.get_outputs()[:2]
         return logits.numpy()[0], hidden.numpy()[0]
 
+    def _move_window(self, start: int) -> None:
+        """Bring the sliding caches to the base of a call starting at `start`."""
+        base = sliding_base(start, self.layout)
+        if base < self.sliding_base and not window_held(self.sliding_base, start, self.layout):
+            raise ValueError(
+                f"a call at position {start} reads positions the sliding caches no longer hold (they start at "
+                f"{self.sliding_base}; a call may start at most max_draft = {self.max_draft} positions before an "
+                "earlier one): reset the backend and run the sequence from its start"
+            )
+        shift_window([self.caches[n] for n in self.window_names], self.sliding_base, base)
+        self.sliding_base = base
+
     def _shared_kv_feed(self, feed: dict) -> dict:
         for name, cache in self.shared_names.items():
             feed[name] = self.caches[cache]
@@ -204,6 +230,7 @@ class OnnxBackend:
         if self.drafter_sess is None:
             self.drafter_sess = self._open("drafter.onnx", 1)
         embeds, _ = self.embed([token])
+        self._move_window(position)
         feed = {
             "inputs_embeds": np.concatenate([embeds[0, 0], state])[None, None],
             "position_ids": np.asarray([[position]], dtype=np.int64),
@@ -219,6 +246,7 @@ class OnnxBackend:
             if not (self.dir / graph).is_file():  # an export from before the round graphs
                 return chained_drafts(self, token, state, position, k)
             sess = self.round_sess[k] = self._open(graph, 1)
+        self._move_window(position)
         feed = {
             "input_ids": np.asarray([[token]], dtype=np.int64),
             "state": np.ascontiguousarray(state, dtype=np.float32).reshape(1, 1, -1),

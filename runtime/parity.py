@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from calibration.quality import HELDOUT as PROMPTS  # the held-out prompt files, listed once
+from runtime.artifacts import sliding_held
 from runtime.loop import greedy_generate, speculative_generate, teacher_forced
 
 
@@ -191,10 +192,12 @@ class BackendInputs:
         caches = producer_caches(self.backend, self.layout)
         if caches is None:
             return self.hidden, self.shared
-        slots = self.layout["ring_slots"]
-        # the verify pass of this round wrote positions pos..pos+drafted over the oldest slots
-        lo = max(0, pos + drafted + 1 - slots)
-        ring = np.arange(lo, pos)
+        # the positions below pos the sliding cache holds now (a ring: the verify pass of this
+        # round wrote positions pos..pos+drafted over its oldest slots), and their slots
+        ring, ring_slots = sliding_held(self.layout, pos + drafted + 1, getattr(self.backend, "sliding_base", 0))
+        keep = ring < pos
+        ring, ring_slots = ring[keep], ring_slots[keep]
+        lo = int(ring[0]) if len(ring) else pos
         kv = {}
         for kind, key in (("full", "full_attention"), ("sliding", "sliding_attention")):
             pair = []
@@ -204,7 +207,7 @@ class BackendInputs:
                 if kind == "full":
                     t[:, :, :pos] = torch.from_numpy(np.ascontiguousarray(ours[:, :, :pos]))
                 else:
-                    t[:, :, lo:pos] = torch.from_numpy(np.ascontiguousarray(ours[:, :, ring % slots]))
+                    t[:, :, lo:pos] = torch.from_numpy(np.ascontiguousarray(ours[:, :, ring_slots]))
                 pair.append(t)
             kv[key] = tuple(pair)
         return self.hidden, kv
@@ -263,8 +266,8 @@ def check_prompt(
             report.add(
                 f"{label}: full cache {prod['full_attention']} {kind} (slots 0..{n - 1})", e <= RTOL, f"rel err {e:.2e}", e
             )
-            positions = np.arange(max(0, n - slots), n)  # what the ring holds (linear caches: all of it)
-            ring = caches[f"sliding.{kind}"][:, :, positions % slots]
+            positions, held = sliding_held(layout, n, getattr(backend, "sliding_base", 0))
+            ring = caches[f"sliding.{kind}"][:, :, held]
             e = rel_err(ring, shared["sliding_attention"][idx].numpy()[:, :, positions])
             report.add(
                 f"{label}: sliding cache {prod['sliding_attention']} {kind} ({slots} slots)", e <= RTOL, f"rel err {e:.2e}",

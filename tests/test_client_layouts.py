@@ -31,6 +31,8 @@ def test_genai_config_describes_our_cache_layout():
     assert "sliding_window" not in decoder
     assert config["search"]["max_length"] == 640 and config["search"]["past_present_share_buffer"]
     assert config["model"]["eos_token_id"] == [1, 106]
+    # window caches (our runtime's) are made linear in genai's decoder: accepted at any size
+    assert cl.genai_config(_layout(sliding_slots=196, sliding_cache="window"), TEXT_CONFIG) == config
 
 
 @pytest.mark.parametrize(

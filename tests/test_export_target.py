@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import onnx
 import pytest
 
 from tests.conftest import REPO
@@ -71,9 +72,10 @@ def test_manifest_describes_every_file(exported):
     io = manifest["methods"]["onnx"]["target"]
     assert io["inputs"][0]["name"] == "inputs_embeds" and isinstance(io["inputs"][0]["shape"][1], str)  # dynamic
     assert {"logits", "last_hidden_state"} <= {o["name"] for o in io["outputs"]}
-    onnx_caches = manifest["cache_layout"]["onnx"]  # linear: every cache max_context slots
-    assert onnx_caches["sliding_cache"] == "linear" and onnx_caches["ring_slots"] == onnx_caches["max_context"]
-    assert all(shape[2] == onnx_caches["max_context"] for shape in onnx_caches["cache_shapes"].values())
+    onnx_caches = manifest["cache_layout"]["onnx"]  # window caches: 64 + 4 + 64 + 256 slots of 1024
+    assert onnx_caches["sliding_cache"] == "window" and onnx_caches["ring_slots"] == 388
+    assert onnx_caches["sliding_block"] == 64 and onnx_caches["max_call_tokens"] == 256
+    assert {shape[2] for shape in onnx_caches["cache_shapes"].values()} == {388, onnx_caches["max_context"]}
     if "executorch" in manifest["cache_layout"]:  # the .pte's sliding caches: rings of window + max_draft + 1
         assert manifest["cache_layout"]["executorch"]["ring_slots"] == 64 + 4 + 1
     assert manifest["eos_token_ids"] == [1]
@@ -217,9 +219,14 @@ def test_manifest_lists_the_client_layouts(exported):
     assert {"onnx/embed_tokens_q4.onnx_data", "onnx/decoder_model_merged_q4.onnx_data"} <= set(genai)
     assert not list((exported / "onnx").glob("*.data.*")) and not (exported / "onnx" / "target.onnx.data").exists()
     config = json.loads((exported / "onnx" / "genai_config.json").read_text())
-    # linear caches: genai allocates max_length slots for every cache, as the graph's inputs say
+    # linear caches: genai allocates max_length slots for every cache, as the decoder's inputs
+    # say (the export's window caches made linear)
     assert "sliding_window" not in config["model"]["decoder"]
-    assert config["search"]["max_length"] == manifest["cache_layout"]["onnx"]["max_context"]
+    max_context = manifest["cache_layout"]["onnx"]["max_context"]
+    assert config["search"]["max_length"] == max_context
+    decoder = onnx.load(str(exported / "onnx" / "genai_decoder.onnx"), load_external_data=False)
+    caches = [v for v in decoder.graph.input if v.name.startswith("past_key_values.")]
+    assert caches and all(v.type.tensor_type.shape.dim[2].dim_value == max_context for v in caches)
 
 
 def test_onnxruntime_genai_generates_our_greedy_tokens(exported, client_prompt, our_greedy):

@@ -107,6 +107,32 @@ def test_ring_positions_pinned():
     assert stale < 101 - 64 - 1  # below the drafter's window (and the target's)
 
 
+def test_window_caches_pinned():
+    """The ONNX graphs' window caches (runtime/artifacts.py): the base the graph computes
+    equals the runtime's at every start, is a multiple of the block, leaves every position a
+    call at start reads (start - window - 1 .. start - 1) held even for a call up to
+    max_draft positions back, and the call's new entries fit; slots hold base + slot, empty
+    from start on; entries move both ways."""
+    from runtime.artifacts import shift_window, sliding_base, window_held
+
+    layout = CacheLayout(preset("demo").target.attention, max_context=1024, max_draft=4, call_tokens=256)
+    info = {"sliding_cache": "window", "sliding_block": layout.sliding_block, "sliding_window": 64, "max_draft": 4}
+    assert layout.ring_slots == 64 + 4 + 64 + 256 and layout.sliding_block == 64
+    for start in range(0, 1024):
+        base = sliding_base(start, info)
+        assert base == int(layout.sliding_base(torch.tensor(start))) and base % 64 == 0
+        assert start + 256 - base <= layout.ring_slots
+        assert all(window_held(base, start - back, info) for back in range(min(start, 4) + 1))
+    assert not window_held(128, 100, info)
+    pos = layout.ring_positions(torch.tensor(300))  # base 192
+    assert pos[0] == 192 and pos[107] == 299 and (pos[108:] < 0).all()
+    buf = np.arange(2 * 10, dtype=np.float32).reshape(1, 2, 10, 1)
+    shift_window([buf], 64, 67)  # slot s takes slot s + 3
+    assert buf[0, 1, :7, 0].tolist() == list(range(13, 20))
+    shift_window([buf], 67, 65)  # slot s + 2 takes slot s
+    assert buf[0, 1, 2:9, 0].tolist() == list(range(13, 20))
+
+
 def test_layout_refuses_a_context_inside_the_window():
     with pytest.raises(ValueError, match="must exceed the sliding window"):
         CacheLayout(preset("demo").target.attention, max_context=64, max_draft=4)

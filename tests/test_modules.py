@@ -43,24 +43,41 @@ def grouped_pair():
 
 
 @pytest.mark.parametrize("form", ["onnxruntime", "xnnpack", "fused"],
-                         ids=["onnxruntime-form", "xnnpack-form", "fused-attention-linear-caches"])
+                         ids=["onnxruntime-form", "xnnpack-form", "fused-attention-window-caches"])
 def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pair, form):
     """fused: the ONNX graphs' form (export/gqa.py's reference of GroupQueryAttention over
-    linear caches; the graph itself is checked in tests/test_onnx.py and test_shapes.py)."""
+    window caches, moved between calls as the runtime moves them; the graph itself is
+    checked in tests/test_onnx.py and test_shapes.py)."""
+    from runtime.artifacts import shift_window
+
     target, drafter = grouped_pair
     spec = TargetSpec.from_hf(target.config)
     assert spec.attention.kv_heads(SLIDING) == 2 and spec.attention.kv_heads(FULL) == 2
     xnnpack, fused = form == "xnnpack", form == "fused"
-    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, linear=fused)
+    # fused: calls of at most 50 tokens, so a window cache of 64 + 4 + 64 + 50 slots < MAX_CONTEXT
+    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, call_tokens=50 if fused else None)
     embed = EmbedStep(target)
     step = TargetStep(target, layout, xnnpack=xnnpack, fused=fused)
     dstep = DrafterStep(drafter, layout, xnnpack=xnnpack)
-    ids = torch.randint(3, spec.vocab_size, (1, 150))  # past two 64-token windows
+    n = 200
+    ids = torch.randint(3, spec.vocab_size, (1, n))  # past three 64-token windows
+    sliding = [2 * k + kv for k, i in enumerate(layout.owners) if layout.attention.layer_types[i] == SLIDING
+               for kv in (0, 1)]
+    bases = [0]
+
+    def move(caches, start):  # what the runtime does before a call (runtime/onnx_backend.py)
+        new = int(layout.sliding_base(torch.tensor(start)))
+        shift_window([caches[j].numpy() for j in sliding], bases[-1], new)
+        bases.append(new)
+
     with torch.no_grad():
         ref = target(ids, return_shared_kv_states=True, output_hidden_states=True)
         caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
         logits, hidden = [], []
-        for a, b in ((0, 97), (97, 150)):  # two chunks, the second crossing the window
+        # chunks crossing the window; fused: calls of at most call_tokens
+        for a, b in ((0, 50), (50, 100), (100, 150), (150, n)) if fused else ((0, 97), (97, n)):
+            if fused:
+                move(caches, a)
             e, ple = embed(ids[:, a:b])
             lg, hd, *caches = step(e, ple, torch.arange(a, b)[None], torch.arange(b - a), *caches)  # every row
             caches = caches[: 2 * len(layout.owners)]  # fused: the shared layers' outputs follow
@@ -69,20 +86,23 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
         ours = torch.cat(logits)
         # fp32, different summation order; a wrong head grouping or mask is O(1) off
         assert ((ours - ref.logits[0]).abs().max() / ref.logits[0].abs().max()).item() < 1e-4
+        if fused:
+            move(caches, n)
+            assert bases == [0, 0, 0, 0, 64, 128]  # the window moved twice, once before the drafter
 
-        # drafter step at position p = 150 over the target's producer caches
+        # drafter step at position p = n over the target's producer caches
         p = layout.attention.kv_producers()
         shared = [caches[2 * p[FULL]], caches[2 * p[FULL] + 1], caches[2 * p[SLIDING]], caches[2 * p[SLIDING] + 1]]
         token = torch.tensor([[5]])
         state = torch.cat(hidden)[None, -1:]
         inp = torch.cat([target.model.embed_tokens(token), state], dim=-1)
-        d_logits, d_state = dstep(inp, torch.tensor([[150]]), *shared)
+        d_logits, d_state = dstep(inp, torch.tensor([[n]]), *shared)
         kv = {k: (v[0], v[1]) for k, v in ref.shared_kv_states.items()}
         expected = drafter(
             inputs_embeds=inp,
-            position_ids=torch.tensor([[150]]),
+            position_ids=torch.tensor([[n]]),
             shared_kv_states=kv,
-            attention_mask=torch.ones(1, 151, dtype=torch.long),
+            attention_mask=torch.ones(1, n + 1, dtype=torch.long),
         )
     assert int(d_logits.argmax()) == int(expected.logits.argmax())
     cand = d_logits[0, 0] > -1e29
@@ -92,12 +112,18 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
     assert rel.item() < 1e-4
 
 
-def test_fused_attention_needs_linear_caches(grouped_pair):
+def test_fused_attention_needs_window_caches(grouped_pair):
     target, _ = grouped_pair
     spec = TargetSpec.from_hf(target.config)
-    with pytest.raises(ValueError, match="linear caches"):
+    with pytest.raises(ValueError, match="window caches"):
         TargetStep(target, CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT), fused=True)
-    assert CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, linear=True).shape(0)[2] == MAX_CONTEXT
+    layout = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, call_tokens=50)
+    assert layout.shape(0)[2] == 64 + 4 + 64 + 50 and layout.shape(5)[2] == MAX_CONTEXT  # sliding, full
+    # a window cache that would reach max_context is linear (base always 0)
+    wide = CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, call_tokens=124)
+    assert wide.ring_slots == MAX_CONTEXT and int(wide.sliding_base(torch.tensor(MAX_CONTEXT - 1))) == 0
+    with pytest.raises(ValueError, match="verify pass"):
+        CacheLayout(spec.attention, MAX_CONTEXT, MAX_DRAFT, call_tokens=MAX_DRAFT)
 
 
 @pytest.mark.parametrize("xnnpack", [False, True], ids=["onnxruntime-form", "xnnpack-form"])

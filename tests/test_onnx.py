@@ -19,6 +19,7 @@ from runtime.reference import ReferencePair
 from tests.conftest import REPO
 
 MAX_CONTEXT, MAX_DRAFT = 384, 4
+CALL_TOKENS = 96  # window caches of 64 + 4 + 64 + 96 slots: smaller than MAX_CONTEXT
 PROMPT = [2] + list(np.random.RandomState(3).randint(4, 2048, 150))  # > two 64-token windows
 
 
@@ -30,7 +31,7 @@ def pair(random_pair_dir):
 @pytest.fixture(scope="module")
 def onnx_dir(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    export_onnx(*pair, out, MAX_CONTEXT, MAX_DRAFT)
+    export_onnx(*pair, out, MAX_CONTEXT, MAX_DRAFT, call_tokens=CALL_TOKENS)
     return out
 
 
@@ -40,23 +41,31 @@ def _io(path):
     return m, {v.name: dims(v) for v in m.graph.input}, {v.name: dims(v) for v in m.graph.output}
 
 
-def test_caches_are_linear_and_attention_is_one_fused_op_per_layer(onnx_dir):
-    """Every cache has max_context slots (slot == position; the graph's attention op writes
-    it in place); each layer's attention is one GroupQueryAttention; a KV-shared layer's op
-    writes into `shared.{i}.*` outputs of its producer's shape (bound to its buffers)."""
+def test_window_caches_and_attention_is_one_fused_op_per_layer(onnx_dir):
+    """Full caches have max_context slots (slot == position), sliding caches are window
+    caches of window + max_draft + 64 + call_tokens slots (runtime/artifacts.py); the graph's attention
+    op writes both in place; each layer's attention is one GroupQueryAttention; a KV-shared
+    layer's op writes into `shared.{i}.*` outputs of its producer's shape (bound to its
+    buffers); a cache owner's q/k/v projections are one MatMul."""
     layout = json.loads((onnx_dir / "layout.json").read_text())
     m, ins, outs = _io(onnx_dir / "target.onnx")
-    assert layout["sliding_cache"] == "linear" and layout["ring_slots"] == MAX_CONTEXT
+    slots = 64 + MAX_DRAFT + 64 + CALL_TOKENS
+    assert layout["sliding_cache"] == "window" and layout["ring_slots"] == slots
+    assert layout["sliding_block"] == 64 and layout["max_call_tokens"] == CALL_TOKENS
     types = layout["layer_types"]
     for i, t in enumerate(types):
-        head_dim = 32 if t == "sliding_attention" else 64
+        shape = [1, 1, slots, 32] if t == "sliding_attention" else [1, 1, MAX_CONTEXT, 64]
         for kv in ("key", "value"):
             if i in layout["cache_owners"]:
-                assert ins[f"past_key_values.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
-                assert outs[f"present.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
+                assert ins[f"past_key_values.{i}.{kv}"] == shape
+                assert outs[f"present.{i}.{kv}"] == shape
             else:  # KV-shared layers (6..11) own no cache
                 assert f"past_key_values.{i}.{kv}" not in ins
-                assert outs[f"shared.{i}.{kv}"] == [1, 1, MAX_CONTEXT, head_dim]
+                assert outs[f"shared.{i}.{kv}"] == shape
+    # owners: one MatMul for q, k and v, one norm node over their heads (6 owners, 6 shared)
+    matmuls = [n for n in m.graph.node if n.op_type == "MatMul"]
+    per_layer = 1 + 1 + 3 + 2  # qkv (owner) or q (shared), o, MLP, PLE gate and projection
+    assert len(matmuls) == 12 * per_layer + 1 + 1  # + the PLE model projection and the LM head
     gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     assert len(gqa) == len(types)
     windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in gqa]
@@ -158,7 +167,7 @@ def lazy_dir(random_pair_dir, tmp_path_factory):
     target, drafter = load_pair(random_pair_dir / "target", random_pair_dir / "assistant", lazy=True)
     assert target.weight_sources and drafter.weight_sources  # the lazy path is the one tested
     out = tmp_path_factory.mktemp("onnx-lazy")
-    export_onnx(target, drafter, out, MAX_CONTEXT, MAX_DRAFT)
+    export_onnx(target, drafter, out, MAX_CONTEXT, MAX_DRAFT, call_tokens=CALL_TOKENS)
     return out
 
 
@@ -292,7 +301,9 @@ def test_bound_caches_equal_plain_runs_and_are_written_in_place(onnx_dir):
     end = len(PROMPT) + 2 + 70  # slots past the last position hold rejected or no entries in both
     for name, cache in plain.caches.items():
         np.testing.assert_array_equal(bound.caches[name][:, :, :end], cache[:, :, :end])
-    assert np.abs(bound.caches["past_key_values.0.key"][:, :, end - 1]).sum() > 0  # written in place
+    assert bound.sliding_base == 128  # the window caches moved (twice) on the way
+    assert np.abs(bound.caches["past_key_values.0.key"][:, :, end - 1 - 128]).sum() > 0  # written in place
+    assert np.abs(bound.caches["past_key_values.5.key"][:, :, end - 1]).sum() > 0  # full layer: slot == position
 
 
 def test_greedy_and_speculative_tokens_equal_transformers(onnx_dir, pair):
@@ -312,6 +323,29 @@ def test_context_overflow_is_refused(onnx_dir):
     backend = OnnxBackend(onnx_dir)
     with pytest.raises(ValueError, match="exceeds the exported max_context 384"):
         backend.target(list(range(3, 400)), 0)
+
+
+def test_a_call_behind_the_window_caches_is_refused(onnx_dir):
+    """A call may start up to max_draft positions before an earlier one (a verify pass after
+    single steps: the caches move back); one that needs positions the sliding caches moved
+    out is refused with what to do, and the backend works again after a reset."""
+    backend = OnnxBackend(onnx_dir)
+    backend.target(PROMPT, 0)
+    backend.target(list(range(10, 56)), len(PROMPT))  # to position 196
+    backend.target([5], 197)
+    assert backend.sliding_base == 128
+    moved, _ = backend.target([6, 7, 8, 9], 197 - MAX_DRAFT)  # back by max_draft: the caches move back
+    assert backend.sliding_base == 64
+    fresh = OnnxBackend(onnx_dir)
+    fresh.target((PROMPT + list(range(10, 56)))[:193], 0)
+    straight, _ = fresh.target([6, 7, 8, 9], 193)
+    # same positions, same cache entries; only the prefill chunking differs (fp32: ~1e-6;
+    # an entry moved to the wrong slot is O(1) off)
+    assert np.abs(moved - straight).max() <= 1e-4 * np.abs(straight).max()
+    with pytest.raises(ValueError, match="no longer hold.*reset the backend"):
+        backend.target(PROMPT[50:60], 50)
+    backend.reset()
+    assert backend.target(PROMPT[:60], 0)[0].shape[0] == MAX_DRAFT + 1
 
 
 def test_missing_artifacts_are_reported(tmp_path):
