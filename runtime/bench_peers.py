@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -323,9 +324,20 @@ def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list
     (in every run). A first, untimed round warms each backend up (a first call of a new
     shape plans memory and packs weights: 5x a steady prefill)."""
     raw = {n: {b: {"prefill_ms": [], "decode_ms": [], "tokens_equal": True} for b in backends} for n in prompts}
+    names = list(backends)
+    m = len(names)
+    steps = [s for s in range(1, m) if math.gcd(s, m) == 1] or [1]
     for r in range(-1, repeats):
+        # repeat r runs the backends in strides of steps[r]: the backend before each one
+        # changes from repeat to repeat (with 5 backends each other one precedes it once in
+        # 4 repeats), so no backend is always measured right after the same one (measured
+        # here: an onnxruntime prefill right after ExecuTorch's example's run took 2x its
+        # time in most such places, also after a 2 s pause; not explained)
+        s = steps[r % len(steps)]
+        order = [names[(r + i * s) % m] for i in range(m)]
         for n, ids in prompts.items():
-            for name, backend in backends.items():
+            for name in order:
+                backend = backends[name]
                 # a pause first: the previous backend's thread pool (onnxruntime's workers spin
                 # after a run) must not share the two cores with this one's prefill
                 time.sleep(PAUSE_S)
