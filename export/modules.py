@@ -428,7 +428,7 @@ class TargetStep(nn.Module):
         a = self.layout.attention
         end = positions[-1:] + 1  # [1]
         # sliding caches hold positions base.. at slots 0..: the op's lengths and RoPE rows
-        # are taken relative to base (one Gather of ring_slots table rows per call)
+        # are taken relative to base (a Gather of ring_slots rows of each table, once per call)
         base = self.layout.sliding_base(positions[:1])
         rows = base + torch.arange(self.layout.ring_slots)
         lengths, rope = {}, {}
