@@ -8,9 +8,9 @@ Imports nothing beyond the standard library.
 - `eos_ids`: a config's EOS field (an id, a list, or None) as a tuple;
 - `cache_names`, `SHARED_KV_NAMES`, `shared_kv_sources`: the cache tensors of the target
   graph and which of them the drafter reads (the last full and last sliding cache owner);
-- `sliding_base`, `window_held`, `shift_window`, `sliding_held`: the window caches of the ONNX graphs
-  (layout.json `sliding_cache: "window"`) and where a sliding cache of either kind holds
-  which position.
+- `sliding_base`, `window_held`, `shift_window`, `sliding_held`: the window caches of the
+  ONNX graphs (layout.json `sliding_cache: "window"`) and where a sliding cache of either
+  kind holds which position.
 
 Sliding caches come in two kinds:
 - "ring" (the .pte): `ring_slots` slots, position p at slot p % ring_slots;
@@ -20,11 +20,11 @@ Sliding caches come in two kinds:
   - max_draft (every position a call at p reads stays held, also for a call that starts up
   to max_draft positions earlier). When a call's base differs from the buffers', the
   runtime first moves the held entries by the difference (`shift_window`; every
-  `sliding_block` positions, a copy of about a window). The graphs
-  compute the same base from their position input. Slots stay position - base, so the
-  graph's attention op (GroupQueryAttention, causal over slot order) reads a window's worth
-  of slots instead of every position since the start: a long prompt's sliding layers
-  attend over at most window + block + call tokens keys.
+  `sliding_block` positions, a copy of about a window). The graphs compute the same base
+  from their position input. Slots stay position - base, so the graph's attention op
+  (GroupQueryAttention, causal over slot order) reads a window's worth of slots instead of
+  every position since the start: a long prompt's sliding layers attend over at most
+  ring_slots = window + max_draft + block + call tokens keys.
 """
 
 from __future__ import annotations
