@@ -281,6 +281,15 @@ def mask_bias(allowed: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, 0.0, NEG)
 
 
+def _at_least_one(x: torch.Tensor) -> torch.Tensor:
+    """For integer-valued float x: 1.0 where x >= 1, else 0.0 (exact). Masks built from
+    these in float arithmetic (sub, clamp, add, mul) run inside the XNNPACK delegate, where a
+    bool compare and a `where` over [rows, slots] run on ExecuTorch's portable kernels: on
+    the demo pair those two took ~2 ms of a 9 ms 80-token call. A masked entry's bias is NEG
+    or 2 * NEG; both make its softmax weight exactly 0, and allowed entries add exactly 0."""
+    return torch.clamp(x, 0.0, 1.0)
+
+
 def _grouped(k, v):
     """K/V [1, kvh, T, d] -> K^T [kvh, d, T] and V [kvh, T, d]: the form `_attend` takes,
     built once per cache and reused by every layer that reads it (the KV-shared layers)."""
@@ -314,11 +323,12 @@ def _attend(q, kt, v, bias):
 class _Biases:
     """Per (cache type, group size): the additive mask of `_attend`'s rows, [N*group, T], each
     query's row repeated for the query heads of its KV group. Built on first use in a call
-    from the row positions (a broadcast compare, no expand-and-reshape of a mask whose
-    width is symbolic) and shared by every layer of that shape."""
+    from the row positions (float [N]; a broadcast, no expand-and-reshape of a mask whose
+    width is symbolic) and shared by every layer of that shape. biases: cache type ->
+    function of the rows' positions [R, 1] -> bias [R, T]."""
 
-    def __init__(self, positions: torch.Tensor, allowed: dict):
-        self.positions, self.allowed, self.done = positions, allowed, {}
+    def __init__(self, positions: torch.Tensor, biases: dict):
+        self.positions, self.biases, self.done = positions, biases, {}
 
     def get(self, layer_type: str, q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
         group = q.shape[2] // kt.shape[0]
@@ -327,7 +337,7 @@ class _Biases:
             rows = self.positions
             if group > 1:  # [N] -> [N*group]: each position once per head of the group
                 rows = (rows[:, None] + torch.zeros(1, group, dtype=rows.dtype)).reshape(-1)
-            self.done[key] = mask_bias(self.allowed[layer_type](rows[:, None]))
+            self.done[key] = self.biases[layer_type](rows[:, None])
         return self.done[key]
 
 
@@ -476,21 +486,24 @@ class TargetStep(nn.Module):
         n = positions.shape[0]
 
         rope = {t: _cos_sin(m.rotary_emb, t, positions) for t in (SLIDING, FULL)}
-        # masks as functions of the query rows' positions q_pos [R, 1] (R = N * group)
+        # masks as biases of the query rows' positions q_pos [R, 1] (R = N * group), in float
+        # arithmetic on positions (exact: integers far below 2**24; see _at_least_one)
+        new_pos = positions.to(torch.float32)
         # full caches: slot == position; valid up to each query's own position
-        slot_pos = torch.arange(self.layout.max_context)[None, :]
-        ring_pos = self.layout.ring_positions(start)[None, :]
-        new_pos = positions[None, :]
+        slot_pos = torch.arange(self.layout.max_context, dtype=torch.float32)[None, :]
+        ring_pos = self.layout.ring_positions(start).to(torch.float32)[None, :]
+        ring_empty = _at_least_one(-ring_pos)  # negative: no entry
+        far = self.window - 1  # q - p > far: outside the window
 
-        def full_allowed(q_pos):
-            return slot_pos <= q_pos
+        def full_bias(q_pos):
+            return _at_least_one(slot_pos - q_pos) * NEG
 
-        def sliding_allowed(q_pos):  # [ring before this call ; the N new entries]
-            ring_ok = (ring_pos >= 0) & (q_pos - ring_pos < self.window)
-            new_ok = (new_pos <= q_pos) & (q_pos - new_pos < self.window)
-            return torch.cat([ring_ok, new_ok], dim=1)
+        def sliding_bias(q_pos):  # [ring before this call ; the N new entries]
+            ring = ring_empty + _at_least_one(q_pos - ring_pos - far)
+            new = _at_least_one(new_pos[None, :] - q_pos) + _at_least_one(q_pos - new_pos[None, :] - far)
+            return torch.cat([ring, new], dim=1) * NEG
 
-        bias = _Biases(positions, {FULL: full_allowed, SLIDING: sliding_allowed})
+        bias = _Biases(new_pos, {FULL: full_bias, SLIDING: sliding_bias})
 
         # Ring update after attending: each slot takes the newest new entry with its residue,
         # if any (shape-static in the slot count, no branch on N, no duplicate writes).
@@ -499,13 +512,16 @@ class TargetStep(nn.Module):
         newest = last - torch.remainder(last - torch.arange(slots) + slots, slots)
         # built once per call, not per cache: torch.export does not merge repeated
         # subexpressions, and outside the delegate each is a kernel call per step
-        take = (newest >= start)[None, None, :, None]  # [1, 1, slots, 1]
+        # as float 0/1 factors: past * keep + new * take is exact (one term is x * 0) and runs
+        # in the delegate, where a `where` per cache ran on a portable kernel
+        take = (newest >= start).to(torch.float32)[None, None, :, None]  # [1, 1, slots, 1]
+        keep = 1.0 - take
         src = torch.clamp(newest - start, min=0)  # index into the N new entries
         # full caches: the scatter index of the new entries along the slot axis (one for all)
         full_index = positions[None, None, :, None].expand(1, a.kv_heads(FULL), n, a.head_dim_of(FULL))
 
         def ring_write(past, new):
-            return torch.where(take, new.index_select(2, src), past)
+            return past * keep + new.index_select(2, src) * take
 
         present = []
         shared_kv = {}
@@ -580,16 +596,22 @@ class DrafterStep(nn.Module):
         kv = {FULL: (full_k, full_v), SLIDING: (sliding_k, sliding_v)}
         # The drafter reads positions < p: full: every slot below p; sliding: the last
         # window + 1 of them (|p - position| <= window + 1 as transformers' drafter reads them).
-        full_allowed = (torch.arange(self.layout.max_context) < start)[None, :]
         ring_pos = self.layout.ring_positions(start)
-        sliding_allowed = ((ring_pos >= 0) & (ring_pos >= start - 1 - self.window))[None, :]
+        if self.ops.xnnpack:  # in float arithmetic, inside the delegate (see _at_least_one)
+            p, ring = start.to(torch.float32), ring_pos.to(torch.float32)
+            slot = torch.arange(self.layout.max_context, dtype=torch.float32)
+            bias = {FULL: _at_least_one(slot - p + 1) * NEG,
+                    SLIDING: (_at_least_one(-ring) + _at_least_one(p - 1 - self.window - ring)) * NEG}
+        else:  # onnxruntime: a compare and a Where are the fewest nodes
+            bias = {FULL: mask_bias(torch.arange(self.layout.max_context) < start),
+                    SLIDING: mask_bias((ring_pos >= 0) & (ring_pos >= start - 1 - self.window))}
         types = set(self.layer_types)
         rope = {}
         for t in types:
             cos, sin = _cos_sin(m.rotary_emb, t, positions)  # [1, 1, d]
             rope[t] = getattr(self, f"eye_{t}") * cos[0] + getattr(self, f"rot_{t}") * sin[0]  # [d, d]
         return {
-            "bias": {FULL: mask_bias(full_allowed), SLIDING: mask_bias(sliding_allowed)},  # [1, T]
+            "bias": {t: b[None, :] for t, b in bias.items()},  # [1, T]
             "rope": rope,
             "kv": {t: _grouped(*kv[t]) for t in types},  # once per cache, for all layers
         }
