@@ -151,10 +151,12 @@ MATMUL_OPS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.linear", "aten.matmul",
 
 def delegated_share(edge_program) -> dict:
     """Operators of a lowered method inside XNNPACK delegates vs left to portable kernels,
-    and the matmul-like operators (linears, attention products) left outside, by name."""
+    the matmul-like operators (linears, attention products) left outside, by name, and the
+    count of each operator left outside."""
     gm = edge_program.graph_module
     inside = outside = 0
     matmuls_outside = []
+    by_name: dict[str, int] = {}
     for node in edge_program.graph.nodes:
         if node.op != "call_function":
             continue
@@ -166,6 +168,7 @@ def delegated_share(edge_program) -> dict:
             continue
         else:
             outside += 1
+            by_name[name] = by_name.get(name, 0) + 1
             if any(op in name for op in MATMUL_OPS):
                 matmuls_outside.append(name)
     total = max(inside + outside, 1)
@@ -174,6 +177,7 @@ def delegated_share(edge_program) -> dict:
         "ops_outside": outside,
         "delegated_share": round(inside / total, 4),
         "matmuls_outside": matmuls_outside,
+        "outside_by_operator": dict(sorted(by_name.items())),
     }
 
 
