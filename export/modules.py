@@ -72,6 +72,8 @@ class CacheLayout:
             )
         if self.max_draft < 1:
             raise ValueError("max_draft must be >= 1")
+        if self.max_context >= 2**24:  # the .pte's masks compute on positions as float32 integers
+            raise ValueError(f"max_context {self.max_context} must be below 2**24")
         if self.call_tokens is not None and self.call_tokens < self.max_draft + 1:
             raise ValueError(f"call_tokens {self.call_tokens} must hold a verify pass of max_draft + 1 tokens")
 

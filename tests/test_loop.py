@@ -136,6 +136,10 @@ def test_window_caches_pinned():
 def test_layout_refuses_a_context_inside_the_window():
     with pytest.raises(ValueError, match="must exceed the sliding window"):
         CacheLayout(preset("demo").target.attention, max_context=64, max_draft=4)
+    # the .pte's masks compute on positions as float32, exact below 2**24
+    CacheLayout(preset("demo").target.attention, max_context=2**24 - 1, max_draft=4)
+    with pytest.raises(ValueError, match="below 2\\*\\*24"):
+        CacheLayout(preset("demo").target.attention, max_context=2**24, max_draft=4)
 
 
 @pytest.mark.parametrize("n,chunk", [(1, 4), (5, 4), (101, 50), (100, 50), (10, 1), (7, 256), (3, 2)])
