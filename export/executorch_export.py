@@ -10,7 +10,9 @@ Steps:
      prefill chunk, `MAX_CHUNK`), the caches hold `get_max_context_len` positions;
    - `target_step(tokens, input_pos, logit_index [R])` -> logits [1, R, V] of the rows
      logit_index names (R <= max_draft + 1, so the planned logits buffer is (max_draft + 1)
-     x V, not max_context x V), hidden [1, N, H]: prefill chunk, decode, verify;
+     x V, not max_context x V), hidden [1, R, H] of the same rows, which must be the call's
+     last R positions (the KV-shared layers compute those rows only): prefill chunk,
+     decode, verify;
    - `draft_step(token [1, 1], state [1, 1, H], input_pos [1])` -> logits, projected state:
      the drafter reads the caches the target methods wrote and embeds its token with the
      program's one embedding table;
@@ -96,7 +98,7 @@ class _Forward(torch.nn.Module):
 
 class _TargetStep(_Forward):
     """target_step(tokens, input_pos, logit_index) -> logits of the rows logit_index names
-    (at most max_draft + 1), hidden states of every position."""
+    (at most max_draft + 1, the call's last positions) and their hidden states."""
 
     def forward(self, tokens, input_pos, logit_index):
         return self.pair.run_target(tokens, input_pos, logit_index)

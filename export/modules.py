@@ -24,11 +24,14 @@ Steps of `TargetStep.forward(inputs_embeds, per_layer_inputs, position_ids, logi
 2. per layer: Q (and K/V for owners) with RoPE at absolute positions; sliding owners attend
    to [ring before this call ; new entries] and write the new entries into the ring
    afterwards, so a chunk never evicts what its own queries need; full owners write first
-   and attend to the whole cache;
-3. final norm -> hidden states [1, N, H]; LM head with softcapping -> logits [1, R, V] for
-   the R rows of the call that `logit_index` names (R <= max_draft + 1: the last position
-   of a prefill chunk, the k+1 of a verify pass). A prefill chunk never builds N x vocabulary
-   logits (1024 x 262144 fp32 is 1.1 GB at E4B's size, and its LM-head work).
+   and attend to the whole cache. From the first KV-shared layer on, only the R rows that
+   `logit_index` names are computed (the call's last R positions: R <= max_draft + 1, the
+   last position of a prefill chunk, the k+1 of a verify pass): a KV-shared layer stores
+   nothing, so its other rows would feed only layers no output reads. A prefill chunk skips
+   the KV-shared layers' work for all but R rows (E4B: 18 of 42 layers);
+3. final norm -> hidden states [1, R, H]; LM head with softcapping -> logits [1, R, V] of
+   those rows. A prefill chunk never builds N x vocabulary logits (1024 x 262144 fp32 is
+   1.1 GB at E4B's size, and its LM-head work).
 
 `DrafterStep.forward(inputs_embeds, position_ids, full_k, full_v, sliding_k, sliding_v)`:
 one MTP drafter step at position p reading the target's shared caches for positions < p
@@ -152,7 +155,7 @@ def layout_dict(target, drafter, layout: CacheLayout) -> dict:
     a = layout.attention
     producers = a.kv_producers()
     return {
-        "format_version": 2,  # 2: target graphs take logit_index (at most logit_rows rows)
+        "format_version": 3,  # 2: target graphs take logit_index (at most logit_rows rows); 3: hidden of those rows only
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size,
         "num_layers": a.num_layers,
@@ -415,16 +418,16 @@ class TargetStep(nn.Module):
         proj = self.ops.rms(m.per_layer_projection_norm, proj.reshape(_dyn(per_layer_inputs.shape)))
         ple = (proj + per_layer_inputs) * m.per_layer_input_scale
         if self.fused:
-            h, present = self._fused_layers(inputs_embeds, ple, position_ids[0], caches)
+            h, present = self._fused_layers(inputs_embeds, ple, position_ids[0], logit_index, caches)
         else:
-            h, present = self._layers(inputs_embeds, ple, position_ids[0], caches)
-        hidden = self.ops.rms(m.norm, h)
-        logits = self.lm_head(hidden.index_select(1, logit_index))
+            h, present = self._layers(inputs_embeds, ple, position_ids[0], logit_index, caches)
+        hidden = self.ops.rms(m.norm, h)  # [1, R, H]: the KV-shared layers ran on the R rows only
+        logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return (logits, hidden, *present)
 
-    def _fused_layers(self, h, ple, positions, caches):
+    def _fused_layers(self, h, ple, positions, rows, caches):
         """Every layer's attention as one `gemma4::gqa` (export/gqa.py): RoPE, cache write
         and attention over the valid range inside onnxruntime. A KV-shared layer calls it with
         its producer's past caches and new K/V: it writes the same entries to the same slots,
@@ -435,7 +438,12 @@ class TargetStep(nn.Module):
         (one MatMul in the written graph: export/onnx_weights.py merges them), the q/k/v norms
         as one RMSNorm over every head row followed by one multiply with the heads' scales
         (the v norm has none: ones), passed packed to the op (a producer of KV-shared layers
-        splits it: they need its K and V)."""
+        splits it: they need its K and V).
+
+        The KV-shared layers run on the `rows` (logit_index) only, which must be the call's
+        last R positions: the op places a call's queries at the last slots of its total
+        length. They read their producer's present cache (the call's N entries already
+        written) and write their R rows' entries again (the same values)."""
         from export.gqa import gqa
 
         a = self.layout.attention
@@ -443,16 +451,19 @@ class TargetStep(nn.Module):
         # sliding caches hold positions base.. at slots 0..: the op's lengths and RoPE rows
         # are taken relative to base (a Gather of ring_slots rows of each table, once per call)
         base = self.layout.sliding_base(positions[:1])
-        rows = base + torch.arange(self.layout.ring_slots)
+        table_rows = base + torch.arange(self.layout.ring_slots)
         lengths, rope = {}, {}
         for lt, offset in ((FULL, None), (SLIDING, base)):
             total = (end if offset is None else end - offset).to(torch.int32)
             lengths[lt] = (total - 1, total.reshape(()))
             cos, sin = getattr(self, f"cos_{lt}"), getattr(self, f"sin_{lt}")
-            rope[lt] = (cos, sin) if offset is None else (cos.index_select(0, rows), sin.index_select(0, rows))
+            rope[lt] = (cos, sin) if offset is None else (cos.index_select(0, table_rows), sin.index_select(0, table_rows))
         present, aliases, kv = [], [], {}
         producers = set(self.producers.values())
         for i, layer in enumerate(self.model.layers):
+            if i == a.first_shared_layer:  # from here on only the R returned rows
+                h, ple = h.index_select(1, rows), ple.index_select(1, rows)
+                kv = {j: (k.index_select(1, rows), v.index_select(1, rows), pk, pv) for j, (k, v, pk, pv) in kv.items()}
             lt = a.layer_types[i]
             attn = layer.self_attn
             d = attn.head_dim
@@ -469,8 +480,8 @@ class TargetStep(nn.Module):
                 qkv = (normed * getattr(self, f"qkv_scale_{i}")).flatten(2)
                 if i in producers:
                     q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=-1)
-                    kv[i] = (k, v, *past)
                     out, pk, pv = gqa(q, k, v, *past, seqlens, total, *rope_lt, heads, kvh, window)
+                    kv[i] = (k, v, pk, pv)
                 else:
                     out, pk, pv = gqa(qkv, None, None, *past, seqlens, total, *rope_lt, heads, kvh, window)
                 present.extend([pk, pv])
@@ -480,9 +491,14 @@ class TargetStep(nn.Module):
                 out, pk, pv = gqa(q, *src, seqlens, total, *rope_lt, heads, src[2].shape[1], window)
                 aliases.extend([pk, pv])
             h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
+        if a.first_shared_layer >= len(self.model.layers):
+            h = h.index_select(1, rows)
         return h, present + aliases
 
-    def _layers(self, inputs_embeds, ple, positions, caches):
+    def _layers(self, inputs_embeds, ple, positions, rows, caches):
+        """The plain-op layers (the .pte, eager). The KV-shared layers run on the `rows`
+        (logit_index) only, at their own positions: nothing of theirs is stored, so the other
+        rows of a prefill chunk would only feed layers that no output reads."""
         a = self.layout.attention
         m = self.model
         start = positions[0]
@@ -530,6 +546,11 @@ class TargetStep(nn.Module):
         shared_kv = {}
         h = inputs_embeds
         for i, layer in enumerate(m.layers):
+            if i == a.first_shared_layer:  # from here on only the R returned rows
+                h, ple = h.index_select(1, rows), ple.index_select(1, rows)
+                kept = positions.index_select(0, rows)
+                rope = {t: _cos_sin(m.rotary_emb, t, kept) for t in (SLIDING, FULL)}
+                bias = _Biases(kept.to(torch.float32), bias.biases)
             lt = a.layer_types[i]
             attn = layer.self_attn
             cos, sin = rope[lt]
@@ -559,6 +580,8 @@ class TargetStep(nn.Module):
                 kv = shared_kv[lt]
             out = _attend(q, *kv, bias.get(lt, q, kv[0]))
             h = self.ops.layer_tail(layer, h, out, ple[:, :, i, :])
+        if a.first_shared_layer >= len(m.layers):
+            h = h.index_select(1, rows)
         return h, present
 
 

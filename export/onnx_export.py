@@ -7,7 +7,8 @@ Steps:
      the PLE table live only here; the drafter gets its token embedding from this graph);
    - `target.onnx`: inputs_embeds, per_layer_inputs, position_ids, logit_index,
      past_key_values.{i}.key/value (cache owners only) -> logits (of the rows logit_index
-     names, at most max_draft + 1), last_hidden_state, present.{i}.key/value; the token
+     names, at most max_draft + 1: the call's last positions), last_hidden_state (of the same
+     rows; the KV-shared layers compute only those), present.{i}.key/value; the token
      count is dynamic (prefill chunk, decode, verify);
    - `drafter.onnx`: inputs_embeds, position_ids, shared_kv.{full,sliding}_attention.{key,value}
      -> logits, projected_state (one step, the community layout);

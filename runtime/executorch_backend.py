@@ -100,7 +100,6 @@ class ExecuTorchBackend:
                 f"context of {start + len(ids)} tokens exceeds the exported max_context {self.max_context}; "
                 "re-export with a larger --max-context"
             )
-        hidden = []
         for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
             out = self.target_method.execute(
                 [
@@ -109,9 +108,9 @@ class ExecuTorchBackend:
                     torch.from_numpy(rows),
                 ]
             )
-            logits = out[0][0].numpy().copy()  # outputs may alias the method's memory
-            hidden.append(out[1][0].numpy().copy())
-        return logits, (hidden[0] if len(hidden) == 1 else np.concatenate(hidden))
+        # the last chunk's R rows (a program before format 3 returns all of its rows); copied:
+        # outputs may alias the method's memory
+        return out[0][0].numpy().copy(), out[1][0][-len(rows):].numpy().copy()
 
     def draft(self, token: int, state: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
         if self.draft_method is None:

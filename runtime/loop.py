@@ -7,9 +7,10 @@ A backend implements `StepBackend` (numpy in, numpy out, no torch):
 - `target(ids, start)`: run the target over `ids` at positions start..start+N-1, writing
   their K/V; returns logits [R, V] of the last R = min(N, max_draft + 1) positions
   (`logit_rows`: every position of a decode step or verify pass, the last ones of a
-  prefill) and final hidden states [N, H]. Calling it again at an earlier start is the rollback: the cache
-  layout makes entries past the new start invisible (export/modules.py). Logits of every
-  position: `teacher_forced`;
+  prefill) and final hidden states [R, H] of the same positions (the graphs compute the
+  KV-shared layers for those rows only). Calling it again at an earlier start is the
+  rollback: the cache layout makes entries past the new start invisible (export/modules.py).
+  Logits and hidden states of every position: `teacher_forced`;
 - `draft(token, state, position)`: one drafter step at `position`, reading the target's
   caches below it; returns logits [V] and the projected state [H];
 - optionally `draft_tokens(token, state, position, k)`: the k greedy drafts of a round in
@@ -151,7 +152,7 @@ def teacher_forced(backend, ids: list[int], start: int = 0) -> tuple[np.ndarray,
 
 def run_target(backend, ids: list[int], start: int, timer: StepTimer, kind: str, on_target=None):
     """One target call (prefill chunk, decode step or verify pass) -> logits [R, V] of the last
-    R positions, hidden [N, H]."""
+    R positions, hidden [R, H] of the same positions."""
     logits, hidden = _timed(timer, kind, backend.target, ids, start)
     if on_target is not None:
         on_target(start, ids, logits, hidden)

@@ -160,7 +160,6 @@ class OnnxBackend:
                 f"context of {start + len(ids)} tokens exceeds the exported max_context {self.layout['max_context']}; "
                 "re-export with a larger --max-context"
             )
-        hidden = []
         for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
             embeds, ple = self.embed(ids[a:b])
             pos = start + a
@@ -178,8 +177,8 @@ class OnnxBackend:
                 out = dict(zip(names, self.target_sess.run(None, {**feed, **self.caches})))
                 logits, h = out[self.result_names[0]][0], out[self.result_names[1]][0]
                 self.caches = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
-            hidden.append(h)
-        return logits, np.concatenate(hidden)
+        # the last chunk's R rows (an export before format 3 returns all of its rows)
+        return logits, h[-len(rows):]
 
     def _bind_caches(self):
         io = self.target_sess.io_binding()

@@ -73,19 +73,30 @@ def test_grouped_heads_chunked_prefill_and_drafter_match_transformers(grouped_pa
     with torch.no_grad():
         ref = target(ids, return_shared_kv_states=True, output_hidden_states=True)
         caches = [torch.zeros(layout.shape(i)) for i in layout.owners for _ in range(2)]
-        logits, hidden = [], []
+        logits, hidden, few_logits, few_hidden, few_rows = [], [], [], [], []
         # chunks crossing the window; fused: calls of at most call_tokens
         for a, b in ((0, 50), (50, 100), (100, 150), (150, n)) if fused else ((0, 97), (97, n)):
             if fused:
                 move(caches, a)
             e, ple = embed(ids[:, a:b])
+            # the last 3 rows only (the KV-shared layers then compute those rows alone), from
+            # the same caches (functional: the call below does not change them)
+            lg3, hd3, *_ = step(e, ple, torch.arange(a, b)[None], torch.arange(b - a - 3, b - a), *caches)
             lg, hd, *caches = step(e, ple, torch.arange(a, b)[None], torch.arange(b - a), *caches)  # every row
             caches = caches[: 2 * len(layout.owners)]  # fused: the shared layers' outputs follow
             logits.append(lg[0])
             hidden.append(hd[0])
+            few_logits.append(lg3[0])
+            few_hidden.append(hd3[0])
+            few_rows += list(range(b - 3, b))
         ours = torch.cat(logits)
         # fp32, different summation order; a wrong head grouping or mask is O(1) off
         assert ((ours - ref.logits[0]).abs().max() / ref.logits[0].abs().max()).item() < 1e-4
+        ref_hidden = ref.hidden_states[-1][0]
+        assert ((torch.cat(hidden) - ref_hidden).abs().max() / ref_hidden.abs().max()).item() < 1e-4
+        # same tolerance: a shared layer reading the wrong rows, positions or masks is O(1) off
+        for got, want in ((torch.cat(few_logits), ref.logits[0, few_rows]), (torch.cat(few_hidden), ref_hidden[few_rows])):
+            assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
         if fused:
             move(caches, n)
             assert bases == [0, 0, 0, 0, 64, 128]  # the window moved twice, once before the drafter

@@ -1,7 +1,7 @@
 // The speculative loop of runtime/loop.py over ExecuTorch's Module API, for apps.
 //
 // Program contract (export/executorch_export.py): target_step(tokens [1, N], input_pos [1],
-// logit_index [R]) -> logits [1, R, V], hidden [1, N, H]; draft_k{k}(token [1, 1],
+// logit_index [R]) -> logits [1, R, V], hidden [1, R, H] (the call's last R positions); draft_k{k}(token [1, 1],
 // state [1, 1, H], input_pos [1]) -> drafts [1, k]; reset_caches(); shared_kv() -> the
 // producer caches (full key first, [1, kv_heads, max_context, head_dim]); constant methods
 // get_vocab_size, get_max_context_len, get_eos_ids.
@@ -109,7 +109,7 @@ struct gemma4_spec_runner {
   }
 
   // target over ids at start..start+N-1: logits of the last min(N, max_draft + 1) positions
-  // (rows x vocab), hidden of the last position.
+  // (rows x vocab), hidden of the last position; all_hidden: hidden of the same rows.
   void target(const std::vector<int64_t>& ids, int64_t start, std::vector<float>& logits, int64_t& rows,
               std::vector<float>& last_hidden, std::vector<float>* all_hidden = nullptr) {
     const int64_t n = static_cast<int64_t>(ids.size());
@@ -127,7 +127,6 @@ struct gemma4_spec_runner {
       kept.push_back(n - want);
       starts = kept;
     }
-    if (all_hidden) all_hidden->assign(static_cast<size_t>(n * hidden), 0.f);
     for (size_t c = 0; c < starts.size(); ++c) {
       const int64_t a = starts[c], b = c + 1 < starts.size() ? starts[c + 1] : n, len = b - a;
       const bool last = b == n;
@@ -138,14 +137,16 @@ struct gemma4_spec_runner {
       auto pos = make_tensor_ptr({1}, std::vector<int64_t>{start + a});
       auto idx = make_tensor_ptr({static_cast<int>(r)}, std::move(index));
       auto out = run(*module, "target_step", {EValue(*tok), EValue(*pos), EValue(*idx)});
-      const auto& h = out[1].toTensor();
-      const float* hp = h.const_data_ptr<float>();
-      if (all_hidden) std::memcpy(all_hidden->data() + a * hidden, hp, sizeof(float) * len * hidden);
       if (last) {
+        // hidden [1, r, H]: the same rows as the logits (a program before format 3 returned
+        // all len rows: its last r are the same positions)
+        const auto& h = out[1].toTensor();
+        const float* hp = h.const_data_ptr<float>() + (h.size(1) - r) * hidden;
+        if (all_hidden) all_hidden->assign(hp, hp + r * hidden);
         const auto& lg = out[0].toTensor();
         logits.assign(lg.const_data_ptr<float>(), lg.const_data_ptr<float>() + r * vocab);
         rows = r;
-        last_hidden.assign(hp + (len - 1) * hidden, hp + len * hidden);
+        last_hidden.assign(hp + (r - 1) * hidden, hp + r * hidden);
       }
     }
   }
