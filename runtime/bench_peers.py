@@ -22,7 +22,7 @@ Two adaptations make each peer read a transformers 5.23 checkpoint, done here an
   `global_head_dim` (None otherwise).
 
 Measured, for a short prompt and a long one (past the sliding window), all backends
-interleaved within each repeat: prefill (the whole prompt to the first token's logits) and
+interleaved within each repeat, each timed right after an untimed run of its own: prefill (the whole prompt to the first token's logits) and
 the mean decode step of a greedy run (`--new-tokens`), each backend's tokens compared with
 transformers' greedy tokens; ratios ours / peer per repeat, medians over repeats. Beside
 them, `onnx-unbound`: our onnxruntime backend with `io_binding=False` (the ratio
@@ -322,7 +322,9 @@ def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list
     """All backends interleaved within each repeat and prompt; per (prompt, backend) the
     prefill and mean decode ms of every repeat and whether the tokens equal the reference
     (in every run). A first, untimed round warms each backend up (a first call of a new
-    shape plans memory and packs weights: 5x a steady prefill)."""
+    shape plans memory and packs weights: 5x a steady prefill), and in every repeat each
+    backend's timed run follows an untimed run of its own over the same prompt (a warm
+    turn): what it is measured after is then itself, not whichever backend ran before it."""
     raw = {n: {b: {"prefill_ms": [], "decode_ms": [], "tokens_equal": True} for b in backends} for n in prompts}
     names = list(backends)
     m = len(names)
@@ -332,7 +334,8 @@ def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list
         # changes from repeat to repeat (with 5 backends each other one precedes it once in
         # 4 repeats), so no backend is always measured right after the same one (measured
         # here: an onnxruntime prefill right after ExecuTorch's example's run took 2x its
-        # time in most such places, also after a 2 s pause; not explained)
+        # time in most such places, also after a 2 s pause; not explained; the warm turn
+        # below removes it from what is timed)
         s = steps[r % len(steps)]
         order = [names[(r + i * s) % m] for i in range(m)]
         for n, ids in prompts.items():
@@ -341,6 +344,8 @@ def run(backends: dict, prompts: dict[int, list[int]], reference: dict[int, list
                 # a pause first: the previous backend's thread pool (onnxruntime's workers spin
                 # after a run) must not share the two cores with this one's prefill
                 time.sleep(PAUSE_S)
+                if r >= 0:  # the warm turn, untimed
+                    greedy_generate(backend, ids, new_tokens)
                 tokens, _, timer = greedy_generate(backend, ids, new_tokens)
                 entry = raw[n][name]
                 entry["tokens_equal"] &= tokens == reference[n]
