@@ -88,9 +88,9 @@ def test_methods_metadata_and_delegation(program, pair):
 
 def test_target_chunks_and_shared_drafter_state_match_eager(program, pair, prompt):
     """A chunked prefill matches transformers (logits and hidden states of the rows asked for,
-    each chunk's last ones: the KV-shared layers compute only those); `forward` returns the last position's logits only; the drafter method
-    then reads the caches the target method wrote (shared mutable buffers) and matches the
-    eager modules."""
+    each chunk's last ones: the KV-shared layers compute only those); `forward` returns the
+    last position's logits only; the drafter method then reads the caches the target method
+    wrote (shared mutable buffers) and matches the eager modules."""
     prog, _ = program
     target, drafter = pair
     step = prog.load_method("target_step")
