@@ -430,9 +430,10 @@ class TargetStep(nn.Module):
     def _fused_layers(self, h, ple, positions, rows, caches):
         """Every layer's attention as one `gemma4::gqa` (export/gqa.py): RoPE, cache write
         and attention over the valid range inside onnxruntime. A KV-shared layer calls it with
-        its producer's past caches and new K/V: it writes the same entries to the same slots,
-        into outputs (`shared.{i}.key/value`) that the runtime binds to the producer's
-        buffers, so that no layer copies a cache (export/onnx_export.py `shared_output_names`).
+        its producer's present caches and the K/V of its rows (below): it writes the same
+        entries to the same slots, into outputs (`shared.{i}.key/value`) that the runtime
+        binds to the producer's buffers, so that no layer copies a cache
+        (export/onnx_export.py `shared_output_names`).
 
         A cache owner's Q, K and V are one packed tensor: the three projections concatenated
         (one MatMul in the written graph: export/onnx_weights.py merges them), the q/k/v norms
