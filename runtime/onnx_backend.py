@@ -11,7 +11,10 @@ Steps per call:
   (I/O binding) as both its past input and its present output: the graph's attention op
   (onnxruntime's GroupQueryAttention) writes a call's new entries in place, and a KV-shared
   layer's `shared.{i}.*` outputs are bound to its producer's buffers (the same entries
-  written again), so no cache is allocated, copied in or copied out per call
+  written again), so no cache is allocated, copied in or copied out per call; the calls'
+  own inputs and outputs are bound buffers too, kept per call shape for decode steps and
+  verify passes (the embed graph writes the target's inputs_embeds and per_layer_inputs
+  in place), so such a call binds, allocates and converts nothing but its results' copies
   (`io_binding=False`: plain `run` with the caches as numpy feeds and fresh outputs, kept
   as the baseline `make bench-peers` measures the binding against);
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
@@ -145,10 +148,7 @@ class OnnxBackend:
             return
         shapes = self.layout["cache_shapes"]
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
-        if self.io_binding:
-            # the caches bound once: a call rebinds only its own inputs (embeddings, PLE rows,
-            # positions, logit rows) and result outputs
-            self._binding = self._bind_caches()
+        self._calls: dict[tuple[int, int], _BoundCall] = {}  # (tokens, rows) -> bound buffers
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})
@@ -161,8 +161,19 @@ class OnnxBackend:
                 "re-export with a larger --max-context"
             )
         for a, b, rows in prefill_chunks(len(ids), self.prefill_chunk, self.max_draft):
-            embeds, ple = self.embed(ids[a:b])
             pos = start + a
+            if self.io_binding:
+                call = self._call(b - a, len(rows))
+                call.ids[0] = ids[a:b]
+                call.positions[0] = np.arange(pos, start + b)
+                call.rows[:] = rows
+                self.embed_sess.run_with_iobinding(call.embed_io)  # straight into the target's inputs
+                self._move_window(pos)
+                self.target_sess.run_with_iobinding(call.target_io)
+                # copies: the buffers are the next call's
+                logits, h = call.logits[0].copy(), call.hidden[0].copy()
+                continue
+            embeds, ple = self.embed(ids[a:b])
             self._move_window(pos)
             feed = {
                 "inputs_embeds": embeds,
@@ -170,41 +181,32 @@ class OnnxBackend:
                 "position_ids": np.arange(pos, start + b, dtype=np.int64)[None],
                 "logit_index": rows,
             }
-            if self.io_binding:
-                logits, h = self._bound_run(feed)
-            else:
-                names = [o.name for o in self.target_sess.get_outputs()]
-                out = dict(zip(names, self.target_sess.run(None, {**feed, **self.caches})))
-                logits, h = out[self.result_names[0]][0], out[self.result_names[1]][0]
-                self.caches = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
+            names = [o.name for o in self.target_sess.get_outputs()]
+            out = dict(zip(names, self.target_sess.run(None, {**feed, **self.caches})))
+            logits, h = out[self.result_names[0]][0], out[self.result_names[1]][0]
+            self.caches = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
         # the last chunk's R rows (an export before format 3 returns all of its rows)
         return logits, h[-len(rows):]
 
-    def _bind_caches(self):
-        io = self.target_sess.io_binding()
-        for name in self.result_names:  # first: get_outputs() lists outputs in binding order
-            io.bind_output(name)
+    def _call(self, n: int, r: int) -> "_BoundCall":
+        """The bound buffers of a target call over n tokens returning r rows: kept for the
+        calls of a decode step and a verify pass (n <= max_draft + 1, the per-token path),
+        made for each prefill chunk (its binding cost is spread over the chunk's tokens)."""
+        call = self._calls.get((n, r))
+        if call is None:
+            call = _BoundCall(self, n, r)
+            if n <= self.max_draft + 1:
+                self._calls[n, r] = call
+        return call
 
-        def bind(kind, name, buf):
-            getattr(io, f"bind_{kind}")(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-
+    def _bind_caches(self, io) -> None:
+        """Each cache buffer as the target's past input and present output (written in place),
+        and as the `shared.*` outputs of the KV-shared layers that read it."""
         for p, q in zip(self.past_names, self.present_names):
-            bind("input", p, self.caches[p])
-            bind("output", q, self.caches[p])  # the same buffer: written in place
+            _bind(io, "input", p, self.caches[p])
+            _bind(io, "output", q, self.caches[p])
         for name, cache in self.alias_of.items():
-            bind("output", name, self.caches[cache])
-        return io
-
-    def _bound_run(self, feed: dict) -> tuple[np.ndarray, np.ndarray]:
-        """One target call over the bound cache buffers (past and present one buffer each)."""
-        io = self._binding
-        for name, value in feed.items():
-            io.bind_cpu_input(name, value)
-        for name in self.result_names:  # rebound in place: a fresh array per call (row count varies)
-            io.bind_output(name)
-        self.target_sess.run_with_iobinding(io)
-        logits, hidden = io.get_outputs()[:2]
-        return logits.numpy()[0], hidden.numpy()[0]
+            _bind(io, "output", name, self.caches[cache])
 
     def _move_window(self, start: int) -> None:
         """Bring the sliding caches to the base of a call starting at `start`."""
@@ -255,3 +257,41 @@ class OnnxBackend:
         }
         (tokens,) = sess.run(None, self._shared_kv_feed(feed))
         return tokens[0].tolist()
+
+
+class _BoundCall:
+    """A target call shape's buffers, each bound once: the token ids (the embed graph's input),
+    the embeddings and PLE rows (its outputs and the target graph's inputs: no copy between
+    the two graphs), positions, logit rows, and the logits and hidden-state outputs, beside
+    the caches. A call writes its ids, positions and rows into the buffers and runs both
+    graphs; nothing is bound, allocated or converted per call."""
+
+    def __init__(self, backend: OnnxBackend, n: int, r: int):
+        layout = backend.layout
+        self.ids = np.zeros((1, n), np.int64)
+        self.positions = np.zeros((1, n), np.int64)
+        self.rows = np.zeros(r, np.int64)
+        self.embeds = np.zeros((1, n, layout["hidden_size"]), np.float32)
+        self.ple = np.zeros((1, n, layout["num_layers"], layout["ple_dim"]), np.float32)
+        logits_name, hidden_name = backend.result_names
+        # format 3: the hidden state of the R returned rows; before, of all the call's rows
+        hidden_rows = r if layout.get("format_version", 0) >= 3 else n
+        self.logits = np.zeros((1, r, layout["vocab_size"]), np.float32)
+        self.hidden = np.zeros((1, hidden_rows, layout["hidden_size"]), np.float32)
+
+        self.embed_io = backend.embed_sess.io_binding()
+        _bind(self.embed_io, "input", "input_ids", self.ids)
+        _bind(self.embed_io, "output", "inputs_embeds", self.embeds)
+        _bind(self.embed_io, "output", "per_layer_inputs", self.ple)
+        self.target_io = io = backend.target_sess.io_binding()
+        for name, buf in (("inputs_embeds", self.embeds), ("per_layer_inputs", self.ple),
+                          ("position_ids", self.positions), ("logit_index", self.rows)):
+            _bind(io, "input", name, buf)
+        _bind(io, "output", logits_name, self.logits)
+        _bind(io, "output", hidden_name, self.hidden)
+        backend._bind_caches(io)
+
+
+def _bind(io, kind: str, name: str, buf: np.ndarray) -> None:
+    """Bind a C-contiguous numpy buffer as an input or output (read or written in place)."""
+    getattr(io, f"bind_{kind}")(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
