@@ -12,15 +12,16 @@ Steps per call:
   (onnxruntime's GroupQueryAttention) writes a call's new entries in place, and a KV-shared
   layer's `shared.{i}.*` outputs are bound to its producer's buffers (the same entries
   written again), so no cache is allocated, copied in or copied out per call; the calls'
-  own inputs and outputs are bound buffers too, kept per call shape for decode steps and
-  verify passes (the embed graph writes the target's inputs_embeds and per_layer_inputs
-  in place), so such a call binds, allocates and converts nothing but its results' copies
+  own inputs and outputs are bound buffers too, kept per call shape (the embed graph writes
+  the target's inputs_embeds and per_layer_inputs in place), so a call of a shape met
+  before binds, allocates and converts nothing but its results' copies
   (`io_binding=False`: plain `run` with the caches as numpy feeds and fresh outputs, kept
   as the baseline `make bench-peers` measures the binding against);
 - `draft(token, state, position)`: embed graph for the token, concat with the state, the
   drafter graph over the target's producer caches (last full and last sliding owner);
 - `draft_tokens(token, state, position, k)`: a whole drafting round in one call of
-  `drafter_k{k}.onnx` (embedding, k steps and the argmax inside the graph).
+  `drafter_k{k}.onnx` (embedding, k steps and the argmax inside the graph; bound like the
+  target's calls: token, state, position and drafts in buffers, the caches in place).
 
 Tensors several graphs hold (the token embedding table, the drafter weights; listed in
 layout.json by the exporter) are read once and given to every session that uses them
@@ -149,6 +150,7 @@ class OnnxBackend:
         shapes = self.layout["cache_shapes"]
         self.caches = {name: np.zeros(shapes[name.split(".")[1]], dtype=np.float32) for name in self.past_names}
         self._calls: dict[tuple[int, int], _BoundCall] = {}  # (tokens, rows) -> bound buffers
+        self._rounds: dict[int, _BoundRound] = {}  # drafts -> the round graph's bound buffers
 
     def embed(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         embeds, ple = self.embed_sess.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})
@@ -189,14 +191,14 @@ class OnnxBackend:
         return logits, h[-len(rows):]
 
     def _call(self, n: int, r: int) -> "_BoundCall":
-        """The bound buffers of a target call over n tokens returning r rows: kept for the
-        calls of a decode step and a verify pass (n <= max_draft + 1, the per-token path),
-        made for each prefill chunk (its binding cost is spread over the chunk's tokens)."""
-        call = self._calls.get((n, r))
-        if call is None:
-            call = _BoundCall(self, n, r)
-            if n <= self.max_draft + 1:
-                self._calls[n, r] = call
+        """The bound buffers of a target call over n tokens returning r rows, made once per
+        shape (binding the caches costs as much as a small model's decode step) and kept for
+        the max_draft + 4 shapes used last: a loop's decode steps and verify passes, and its
+        prefill chunks (at E4B's widths a 256-token chunk's buffers are 14 MB)."""
+        call = self._calls.pop((n, r), None) or _BoundCall(self, n, r)
+        self._calls[n, r] = call  # the most recently used last
+        if len(self._calls) > self.max_draft + 4:
+            del self._calls[next(iter(self._calls))]
         return call
 
     def _bind_caches(self, io) -> None:
@@ -250,6 +252,14 @@ class OnnxBackend:
                 return chained_drafts(self, token, state, position, k)
             sess = self.round_sess[k] = self._open(graph, 1)
         self._move_window(position)
+        if self.io_binding:
+            call = self._rounds.get(k)
+            if call is None:
+                call = self._rounds[k] = _BoundRound(self, sess, k)
+            call.ids[0, 0], call.positions[0, 0] = token, position
+            call.state[0, 0] = state
+            sess.run_with_iobinding(call.io)
+            return call.tokens[0].tolist()
         feed = {
             "input_ids": np.asarray([[token]], dtype=np.int64),
             "state": np.ascontiguousarray(state, dtype=np.float32).reshape(1, 1, -1),
@@ -290,6 +300,23 @@ class _BoundCall:
         _bind(io, "output", logits_name, self.logits)
         _bind(io, "output", hidden_name, self.hidden)
         backend._bind_caches(io)
+
+
+class _BoundRound:
+    """A drafting-round graph's buffers (token, target state, position, the k drafts), bound
+    once beside the producer caches it reads: a round writes three values and runs."""
+
+    def __init__(self, backend: OnnxBackend, sess: ort.InferenceSession, k: int):
+        self.ids = np.zeros((1, 1), np.int64)
+        self.positions = np.zeros((1, 1), np.int64)
+        self.state = np.zeros((1, 1, backend.layout["hidden_size"]), np.float32)
+        self.tokens = np.zeros((1, k), np.int64)
+        self.io = sess.io_binding()
+        for name, buf in (("input_ids", self.ids), ("state", self.state), ("position_ids", self.positions)):
+            _bind(self.io, "input", name, buf)
+        _bind(self.io, "output", "draft_tokens", self.tokens)
+        for name, cache in backend.shared_names.items():
+            _bind(self.io, "input", name, backend.caches[cache])
 
 
 def _bind(io, kind: str, name: str, buf: np.ndarray) -> None:
