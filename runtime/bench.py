@@ -138,7 +138,17 @@ def main(argv=None) -> int:
         "--backend", choices=("onnx", "executorch", "all"), default="all", help="exported backends to measure"
     )
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    ap.add_argument(
+        "--predict-from",
+        type=Path,
+        metavar="BENCH_JSON",
+        help="with --artifacts only: measure that export's step costs (no checkpoint is read, no generation) "
+        "and predict its speedup at the acceptance recorded in an earlier bench.json (e.g. results/bench-demo.json)",
+    )
+    ap.add_argument("--context", type=int, default=600, help="--predict-from: context length of the step costs")
     args = ap.parse_args(argv)
+    if args.predict_from is not None:
+        return predict_main(args, argv)
 
     from export.checkpoint import load_pair
     from runtime.parity import open_backends
@@ -201,6 +211,47 @@ def main(argv=None) -> int:
     (args.out / "bench.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(results, args.out / "speedup.png")
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'speedup.png'}")
+    return 0
+
+
+def predict_main(args, argv) -> int:
+    """Step costs of an export alone (a real-size one: its checkpoint need not fit in memory)
+    and the speedups they predict at an earlier run's mean accepted lengths: a prediction
+    from measured costs, for exports whose own drafter accepts nothing (random weights)."""
+    from runtime.artifacts import ArtifactError
+    from runtime.parity import open_backends
+
+    try:
+        if args.artifacts is None:
+            raise ValueError("--predict-from needs --artifacts (the export to measure)")
+        recorded = json.loads(args.predict_from.read_text())
+        opened = open_backends(args)
+        if len(opened) != 1:
+            raise ValueError(f"{args.artifacts} holds {len(opened)} formats; give one format's directory")
+        ((name, (_, backend, _)),) = opened.items()
+        rows = (recorded.get(name) or {}).get("by_draft_tokens")
+        if not rows:
+            raise ValueError(f"{args.predict_from} holds no {name} acceptance (by_draft_tokens); give a make bench output")
+    except (ValueError, OSError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accept = {r["draft_tokens"]: r["mean_accepted_length"] for r in rows if r["draft_tokens"] <= backend.max_draft}
+    # any ids in the vocabulary: the costs do not depend on them
+    context = [2] + [(3 + 7 * i) % backend.vocab_size for i in range(args.context - 1)]
+    print(f"step costs of {args.artifacts} ({name}) at a {args.context}-token context, {args.repeats} repeats", flush=True)
+    costs = step_costs(backend, context, max(accept), repeats=args.repeats, warmup=2)
+    predicted = {k: round(predicted_speedup(a, costs, k), 3) for k, a in accept.items()}
+    print("  " + "  ".join(f"{k} {v:.4g}" for k, v in costs.items()))
+    for k, a in accept.items():
+        print(f"  k = {k}: mean accepted length {a:.2f} (recorded) -> predicted speedup {predicted[k]:.2f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from runtime.results import command_line
+
+    record = {"subject": f"{args.artifacts} ({name}), step costs at {args.context} tokens",
+              "command": command_line("runtime.bench", argv), "step_costs_ms": costs,
+              "acceptance_from": str(args.predict_from), "mean_accepted_length": accept, "predicted_speedup": predicted}
+    (args.out / "predicted.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out / 'predicted.json'}")
     return 0
 
 

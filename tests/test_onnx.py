@@ -440,3 +440,27 @@ def test_attention_node_at_e4b_head_dims_equals_its_reference(head_dim, window):
         assert np.abs(out - expected.numpy()).max() / np.abs(expected.numpy()).max() < 1e-4, (start, n)
         for buf, r in zip(cache, ref):
             np.testing.assert_allclose(buf[:, :, : start + n], r[:, :, : start + n].numpy(), rtol=0, atol=1e-5)
+
+
+def test_bench_predicts_speedup_from_an_export_and_recorded_acceptance(onnx_dir, tmp_path):
+    """`python -m runtime.bench --artifacts DIR --predict-from BENCH_JSON` (real-size exports,
+    whose checkpoints need not be loaded): the export's step costs and, at each recorded mean
+    accepted length L, L * decode / (verify(k+1) + drafting round(k)); bad input refused."""
+    from runtime.bench import main
+
+    recorded = tmp_path / "bench.json"
+    lengths = [{"draft_tokens": 1, "mean_accepted_length": 1.5}, {"draft_tokens": 4, "mean_accepted_length": 3.0}]
+    recorded.write_text(json.dumps({"onnx": {"by_draft_tokens": lengths}}))
+    args = ["--artifacts", str(onnx_dir), "--predict-from", str(recorded), "--context", "90", "--repeats", "2"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    out = json.loads((tmp_path / "out" / "predicted.json").read_text())
+    c = out["step_costs_ms"]
+    assert all(c[k] > 0 for k in ("decode_ms", "verify2_ms", "verify5_ms", "draft_round1_ms", "draft_round4_ms"))
+    assert out["predicted_speedup"] == {
+        "1": round(1.5 * c["decode_ms"] / (c["verify2_ms"] + c["draft_round1_ms"]), 3),
+        "4": round(3.0 * c["decode_ms"] / (c["verify5_ms"] + c["draft_round4_ms"]), 3),
+    }
+    recorded.write_text(json.dumps({"executorch": {"by_draft_tokens": lengths}}))  # nothing for this format
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert main(["--predict-from", str(recorded), "--out", str(tmp_path / "refused")]) == 2  # no export given
+    assert not (tmp_path / "refused").exists()
