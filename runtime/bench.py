@@ -229,13 +229,14 @@ def predict_main(args, argv) -> int:
         if len(opened) != 1:
             raise ValueError(f"{args.artifacts} holds {len(opened)} formats; give one format's directory")
         ((name, (_, backend, _)),) = opened.items()
-        rows = (recorded.get(name) or {}).get("by_draft_tokens")
-        if not rows:
-            raise ValueError(f"{args.predict_from} holds no {name} acceptance (by_draft_tokens); give a make bench output")
+        rows = (recorded.get(name) or {}).get("by_draft_tokens") or []
+        accept = {r["draft_tokens"]: r["mean_accepted_length"] for r in rows if r["draft_tokens"] <= backend.max_draft}
+        if not accept:
+            raise ValueError(f"{args.predict_from} holds no {name} acceptance (by_draft_tokens) for at most "
+                             f"{backend.max_draft} drafts; give a make bench output")
     except (ValueError, OSError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    accept = {r["draft_tokens"]: r["mean_accepted_length"] for r in rows if r["draft_tokens"] <= backend.max_draft}
     # any ids in the vocabulary: the costs do not depend on them
     context = [2] + [(3 + 7 * i) % backend.vocab_size for i in range(args.context - 1)]
     print(f"step costs of {args.artifacts} ({name}) at a {args.context}-token context, {args.repeats} repeats", flush=True)
